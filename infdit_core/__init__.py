@@ -2,3 +2,8 @@
 from .config import InfDiTConfig
 from .model import InfDiT
 from .denoiser import BlockSweepDenoiser, denoise
+from .clip import ClipEmbedder, load_clip
+from .checkpoint import CheckpointError, convert, load_model
+from .memory import MemoryPlan, choose_block_batch, plan
+from .pipeline import chain_factors, sample, upscale
+from .sampling import karras_sigmas

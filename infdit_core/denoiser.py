@@ -61,6 +61,9 @@ class BlockSweepDenoiser:
         self.block_batch = block_batch
         self.on_blocks = on_blocks
         self.last_cache: Optional[KVCache] = None  # kept for inspection (tests, benchmarks)
+        # Blocks not yet denoised in the current call show the previous estimate (at first the
+        # upsampled LR), so a preview of the canvas fills in block by block.
+        self._estimate = self.canvas.concat_lr
 
     @property
     def num_blocks(self) -> int:
@@ -77,7 +80,7 @@ class BlockSweepDenoiser:
         cond = model.conditioning(c_noise, self.clip_vector)
         batch = max(1, min(self.block_batch, self.num_blocks))
         cache = self.last_cache = KVCache(self.order, batch, model.config.num_layers)
-        out = torch.empty_like(x)
+        out = self._estimate.clone()
         done = 0
         for blocks in chunks(self.order, batch):
             cache.begin_call(blocks)
@@ -88,6 +91,7 @@ class BlockSweepDenoiser:
             done += len(blocks)
             if self.on_blocks is not None:
                 self.on_blocks(done, self.num_blocks, out)
+        self._estimate = out
         return out
 
 

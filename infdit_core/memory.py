@@ -1,0 +1,116 @@
+"""Predicted peak memory of a block sweep, the block-batch chooser, and out-of-memory detection.
+
+The prediction counts the weights, the per-layer K/V cache (one row of blocks along the shorter
+side plus the blocks in flight), the activations of one network call and the sampler's canvases.
+The activation factor was calibrated with benchmarks/bench_uniba.py (which prints the planner's
+error next to the measured peak).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .config import InfDiTConfig
+from .model import InfDiT
+
+# Hidden-sized tensors ([blocks, tokens, width]) alive at the peak of one layer's forward: the
+# 4-slot keys and values are gathered, offset and laid out for attention (about 4 copies of 4),
+# next to q, k, v, the residual stream and the attention output.
+ACTIVATION_FACTOR = 30
+# Float32 canvases [B, 3, H, W] the sampler holds at once: x, noise, concat LR, the estimate,
+# the new estimate, derivatives and the Euler point.
+CANVASES = 8
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    weights: int
+    kv_cache: int
+    activations: int
+    canvases: int
+    block_batch: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.canvases
+
+    @property
+    def working(self) -> int:
+        """What a run needs beyond the loaded weights."""
+        return self.total - self.weights
+
+
+def parameter_count(config: InfDiTConfig) -> int:
+    with torch.device("meta"):  # shapes only, no memory
+        return sum(p.numel() for p in InfDiT(config).parameters())
+
+
+def plan(config: InfDiTConfig, H: int, W: int, block_batch: int, dtype: torch.dtype = torch.bfloat16,
+         batch: int = 1) -> MemoryPlan:
+    """Predicted peak bytes of sampling an H x W (padded to the block grid) output."""
+    e = torch.empty((), dtype=dtype).element_size()
+    s = config.block_size
+    rows, cols = math.ceil(H / s), math.ceil(W / s)
+    blocks = batch * rows * cols
+    m = max(1, min(block_batch, blocks))
+    block_bytes = config.block_tokens ** 2 * config.hidden_size * e
+    cached = 0 if m >= blocks else config.num_layers * 2 * (min(rows, cols) + m) * block_bytes
+    return MemoryPlan(
+        weights=parameter_count(config) * e,
+        kv_cache=cached,
+        activations=ACTIVATION_FACTOR * m * block_bytes,
+        canvases=CANVASES * batch * 3 * rows * s * cols * s * 4,
+        block_batch=m,
+    )
+
+
+def free_memory(device: Union[str, torch.device]) -> int:
+    """Bytes a run may use on `device` now."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as f:  # Linux; elsewhere assume a modest 8 GB
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024 if "MemAvailable" in info else 8 << 30
+
+
+def choose_block_batch(config: InfDiTConfig, H: int, W: int, dtype: torch.dtype, budget: int,
+                       batch: int = 1) -> int:
+    """Largest block batch whose working memory (weights already loaded) fits `budget` bytes."""
+    s = config.block_size
+    blocks = batch * math.ceil(H / s) * math.ceil(W / s)
+    best = 1
+    for m in range(1, blocks + 1):
+        if plan(config, H, W, m, dtype, batch).working > budget:
+            break
+        best = m
+    return best
+
+
+def resolve_block_batch(block_batch: Union[int, str], config: InfDiTConfig, H: int, W: int,
+                        dtype: torch.dtype, device, batch: int = 1,
+                        budget: Optional[int] = None) -> int:
+    if block_batch == "auto":
+        # Leave headroom for the allocator's fragmentation and for other work on the device.
+        budget = int(0.8 * free_memory(device)) if budget is None else budget
+        return choose_block_batch(config, H, W, dtype, budget, batch)
+    if not isinstance(block_batch, int) or block_batch < 1:
+        raise ValueError(f"block_batch must be 'auto' or a positive integer, got {block_batch!r}")
+    return block_batch
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    # The CPU allocator raises a plain RuntimeError.
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def empty_cache(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
