@@ -68,15 +68,17 @@ def _file_kind(path: str) -> str:
     return "unknown"
 
 
-def _torch_load(path: str, kind: str):
-    if kind == "torch-zip":
+def safe_torch_load(path: str):
+    """torch.load(weights_only=True) of a pickle checkpoint; bookkeeping objects of the libraries in
+    BOOKKEEPING_MODULES become inert stand-ins, any other global is refused before loading."""
+    if _file_kind(path) == "torch-zip":
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         refused = [n for n in names if not n.startswith(BOOKKEEPING_MODULES)]
         if refused:
             raise CheckpointError(
                 f"Refusing to load {path}: it refers to {', '.join(refused)}, which a weights file never "
-                "needs and which could run code. Nothing from it was executed. Use the official "
-                "checkpoint or a .safetensors file.")
+                "needs and which could run code (torch.load weights_only=True). Nothing from it was "
+                "executed. Use the official checkpoint or a .safetensors file.")
         with torch.serialization.safe_globals([(_Dropped, n) for n in names]):
             return torch.load(path, map_location="cpu", weights_only=True)
     try:  # pre-1.6 format: the weights-only unpickler itself refuses unknown globals
@@ -84,7 +86,8 @@ def _torch_load(path: str, kind: str):
     except Exception as e:
         if "Unsupported global" in str(e) or "Weights only load failed" in str(e):
             raise CheckpointError(f"Refusing to load {path}: it holds objects other than tensors "
-                                  "(nothing from it was executed). Use a .safetensors file.") from None
+                                  "(torch.load weights_only=True; nothing from it was executed). "
+                                  "Use a .safetensors file.") from None
         raise
 
 
@@ -100,7 +103,7 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
             from safetensors import safe_open
             with safe_open(path, framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        obj = _torch_load(path, kind)
+        obj = safe_torch_load(path)
     except CheckpointError:
         raise
     except Exception as e:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import pickle
 import re
 from typing import Mapping, Optional, Sequence, Union
 
@@ -29,6 +28,8 @@ import torch.nn.functional as F
 from open_clip.model import CLIP, _build_vision_tower
 from open_clip.tokenizer import SimpleTokenizer
 from safetensors import safe_open
+
+from .checkpoint import safe_torch_load
 
 CLIP_FILENAME = "open_clip_pytorch_model.bin"
 CLIP_FOLDER = "models/clip_vision"
@@ -82,14 +83,9 @@ def _read_file(path: str) -> dict:
             if any(k.startswith(INFDIT_PREFIX) for k in keys):
                 keys = [k for k in keys if k.startswith(INFDIT_PREFIX)]
             return {k: f.get_tensor(k) for k in keys}
-    try:
-        # weights_only=True: a pickle from the internet must not be able to run code.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"'{path}' cannot be read safely (torch.load with weights_only=True refused it: {err}). "
-            "Official Inf-DiT .pt files also hold training state; convert them to .safetensors first."
-        ) from err
+    # Shared with the Inf-DiT loader: weights_only=True, training bookkeeping dropped, anything
+    # else refused, so a pickle from the internet cannot run code.
+    obj = safe_torch_load(path)
     # Official (DeepSpeed/SAT) files wrap the state dict in 'module'.
     if isinstance(obj, dict) and isinstance(obj.get("module"), dict):
         obj = obj["module"]

@@ -1,0 +1,145 @@
+"""Command line: `python -m infdit_core convert ...` and `python -m infdit_core upscale ...`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from .checkpoint import convert, read_state_dict
+from .pipeline import upscale
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _inputs(paths):
+    for path in paths:
+        if os.path.isdir(path):
+            yield from sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        else:
+            yield path
+
+
+def read_image(path: str) -> torch.Tensor:
+    """[1, C, h, w] in [0, 1]; C = 4 for images with transparency, 1 for grayscale, else 3."""
+    from PIL import Image  # ships with torchvision
+
+    with Image.open(path) as img:
+        mode = "RGBA" if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info else \
+            "L" if img.mode in ("L", "I;16", "I") else "RGB"
+        array = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
+    array = array[..., None] if array.ndim == 2 else array
+    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
+
+
+def write_image(image: torch.Tensor, path: str):
+    """Quantised by truncation, as the official script (and ComfyUI's SaveImage) do."""
+    from PIL import Image
+
+    array = (image[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255.0).astype(np.uint8)
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+
+
+class ProgressBar:
+    def __init__(self, name: str, stream=sys.stderr):
+        self.name, self.stream, self.start = name, stream, time.monotonic()
+
+    def __call__(self, step, total_steps, done, total, preview):
+        width = 30
+        filled = int(width * done / max(total, 1))
+        elapsed = time.monotonic() - self.start
+        self.stream.write(f"\r{self.name} [{'#' * filled}{'.' * (width - filled)}] step {step + 1}/{total_steps} "
+                          f"blocks {done}/{total} {elapsed:6.1f}s")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _load_vector(path: str) -> torch.Tensor:
+    """A precomputed CLIP embedding: the single tensor of a .safetensors file, or a .npy array."""
+    if path.endswith(".npy"):
+        return torch.from_numpy(np.load(path, allow_pickle=False)).float().reshape(1, -1)
+    sd, _ = read_state_dict(path)
+    return next(iter(sd.values())).float().reshape(1, -1)
+
+
+def _embedder(args, dtype, device):
+    if not args.clip:
+        return None
+    from .clip import load_clip
+    return load_clip(args.model if args.clip == "embedded" else args.clip, dtype=dtype, device=device)
+
+
+def cmd_upscale(args):
+    from .checkpoint import load_model
+
+    dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    model = load_model(args.model, dtype=dtype, device=device)
+    block_batch = "auto" if args.block_batch == "auto" else int(args.block_batch)
+    fixed_vector = _load_vector(args.clip_vector) if args.clip_vector else None
+    clip = None if fixed_vector is not None else _embedder(args, dtype, device)
+    paths = list(_inputs(args.inputs))
+    if not paths:
+        raise SystemExit("no input images found")
+    single_file_out = len(paths) == 1 and os.path.splitext(args.output)[1].lower() in IMAGE_EXTENSIONS
+    if not single_file_out:
+        os.makedirs(args.output, exist_ok=True)
+    for path in paths:
+        image = read_image(path)
+        rgb = image[:, :3] if image.shape[1] != 1 else image.expand(-1, 3, -1, -1)
+        # Without --clip or --clip-vector, upscale() warns and uses the zero vector.
+        vector = fixed_vector.expand(image.shape[0], -1) if fixed_vector is not None else \
+            clip.embed_image(rgb) if clip is not None else None
+        name = os.path.basename(path).split(".")[0]
+        result = upscale(model, image, scale=args.scale, clip_vector=vector, steps=args.steps, seed=args.seed,
+                         lr_noise_init=not args.no_lr_init, block_batch=block_batch, callback=ProgressBar(name))
+        target = args.output if single_file_out else os.path.join(args.output, f"{name}_x{args.scale:g}.png")
+        write_image(result, target)
+        print(f"{path} -> {target} ({result.shape[-1]}x{result.shape[-2]})")
+
+
+def cmd_convert(args):
+    meta = convert(args.source, args.destination, DTYPES[args.dtype] if args.dtype else None)
+    print(f"wrote {args.destination} (CLIP image tower included: {meta['clip_visual']}, "
+          f"source sha256 {meta['source_sha256'][:12]}...)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m infdit_core", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="official .pt -> .safetensors (DiT + CLIP image tower, RoPE tables dropped)")
+    c.add_argument("source")
+    c.add_argument("destination")
+    c.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep)")
+    c.set_defaults(run=cmd_convert)
+
+    u = sub.add_parser("upscale", help="upscale images or folders of images")
+    u.add_argument("inputs", nargs="+", help="image files and/or folders")
+    u.add_argument("-o", "--output", required=True, help="output folder (or a file name for one input)")
+    u.add_argument("--model", required=True, help="Inf-DiT weights (.safetensors or official .pt)")
+    u.add_argument("--scale", type=float, default=4.0, help="upscale factor; above 4 runs chained passes")
+    u.add_argument("--steps", type=int, default=20)
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--block-batch", default="auto", help="'auto' or blocks per network call (1 = least memory)")
+    u.add_argument("--no-lr-init", action="store_true", help="start from pure noise instead of LR + noise")
+    u.add_argument("--dtype", choices=sorted(DTYPES), default="fp32" if not torch.cuda.is_available() else "bf16")
+    u.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    u.add_argument("--clip", help="CLIP weights (open_clip_pytorch_model.bin / .safetensors), or 'embedded' "
+                                  "to use the image tower inside --model")
+    u.add_argument("--clip-vector", help="a precomputed 768-d embedding (.safetensors or .npy)")
+    u.set_defaults(run=cmd_upscale)
+
+    args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        args.run(args)
+
+
+if __name__ == "__main__":
+    main()
