@@ -1,0 +1,233 @@
+"""Block sweep vs whole image, the K/V cache bound, the sampler, progress hooks and OOM back-off."""
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from infdit_core import BlockSweepDenoiser, denoise, karras_sigmas, load_model, plan, sample
+from infdit_core.memory import choose_block_batch
+from infdit_core.pipeline import OutOfMemory
+from infdit_core.sampling import network_calls, unit_noise
+
+
+@pytest.fixture(scope="module")
+def model(golden_dir):
+    return load_model(golden_dir / "tiny_model.safetensors")
+
+
+def random_inputs(batch, rows, cols, seed=0, block=32):
+    g = torch.Generator().manual_seed(seed)
+    H, W = rows * block, cols * block
+    return dict(
+        x=torch.randn(batch, 3, H, W, generator=g),
+        concat_lr=torch.rand(batch, 3, H, W, generator=g) * 2 - 1,
+        lr=torch.rand(batch, 3, H // 4, W // 4, generator=g) * 2 - 1,
+        clip_vector=torch.nn.functional.normalize(torch.randn(batch, 768, generator=g), dim=-1),
+    )
+
+
+def rel_l2(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+GRIDS = [(1, 1), (1, 5), (4, 1), (3, 2), (4, 4)]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("rows,cols", GRIDS)
+def test_block_sweep_equals_whole_image(model, rows, cols, batch):
+    inp = random_inputs(batch, rows, cols, seed=rows * 10 + cols)
+    sigma = torch.tensor([2.5, 0.3][:batch])
+    reference = denoise(model, inp["x"], sigma, lr=inp["lr"], concat_lr=inp["concat_lr"],
+                        clip_vector=inp["clip_vector"])
+    blocks = batch * rows * cols
+    for block_batch in [1, 2, 3, blocks]:
+        sweep = BlockSweepDenoiser(model, lr=inp["lr"], concat_lr=inp["concat_lr"],
+                                   clip_vector=inp["clip_vector"], block_batch=block_batch)
+        out = sweep(inp["x"], sigma)
+        assert rel_l2(out, reference) <= 1e-5, (block_batch, rel_l2(out, reference))
+
+
+@pytest.mark.parametrize("name", ["sq_2x2blocks", "rect_3wide_2high", "batch2_2wide_4high"])
+def test_block_sweep_reproduces_official_full_mode(golden_dir, model, name):
+    manifest = json.loads((golden_dir / "manifest.json").read_text())
+    case = load_file(golden_dir / manifest["cases"][name]["file"])
+    sweep = BlockSweepDenoiser(model, lr=case["in.lr_image"], concat_lr=case["in.concat_lr_image"],
+                               clip_vector=case["in.clip_vector"], block_batch=1)
+    assert rel_l2(sweep(case["in.x_noised"], case["in.sigma"]), case["out.denoised"]) <= 1e-5
+
+
+@pytest.mark.parametrize("rows,cols", [(4, 4), (3, 2), (2, 5), (6, 3), (1, 5)])
+@pytest.mark.parametrize("block_batch", [1, 2, 3])
+def test_cache_holds_at_most_one_row_plus_block_batch(model, rows, cols, block_batch):
+    inp = random_inputs(1, rows, cols)
+    sweep = BlockSweepDenoiser(model, lr=inp["lr"], concat_lr=inp["concat_lr"],
+                               clip_vector=inp["clip_vector"], block_batch=block_batch)
+    sweep(inp["x"], 1.0)
+    cache = sweep.last_cache
+    assert cache.peak_blocks <= cols + block_batch  # the issue's bound: blocks per row + block batch
+    # Wide images sweep column-major, so the cache holds one column instead of one row.
+    assert cache.peak_blocks <= min(rows, cols) + block_batch
+    assert all(len(store) == 0 for store in cache.stores), "every cached block must be freed by the end"
+    if rows * cols > 2 * block_batch:
+        assert cache.peak_blocks >= min(rows, cols), "a row of K/V must really be cached"
+
+
+@pytest.mark.parametrize("block_batch", [2, 4])
+def test_sample_is_independent_of_block_batch(model, block_batch):
+    inp = random_inputs(1, 2, 3, seed=5)
+    common = dict(lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=3, seed=42)
+    reference = sample(model, block_batch=1, **common)
+    out = sample(model, block_batch=block_batch, **common)
+    assert rel_l2(out, reference) <= 1e-5
+
+
+def test_seed_and_explicit_noise_agree(model):
+    inp = random_inputs(1, 1, 2, seed=6)
+    common = dict(lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=2, block_batch=1)
+    by_seed = sample(model, seed=7, **common)
+    by_noise = sample(model, noise=unit_noise(inp["concat_lr"].shape, 7), **common)
+    assert torch.equal(by_seed, by_noise)
+    assert not torch.allclose(by_seed, sample(model, seed=8, **common))
+
+
+@pytest.mark.parametrize("lr_noise_init", [True, False])
+def test_one_step_is_one_denoiser_call_from_the_initial_state(model, lr_noise_init):
+    inp = random_inputs(1, 2, 2, seed=9)
+    eps = unit_noise(inp["concat_lr"].shape, 3)
+    out = sample(model, lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=1,
+                 noise=eps, lr_noise_init=lr_noise_init, block_batch=2)
+    sigma_max = karras_sigmas(1)[0]  # 40 up to float32 rounding of the rho-power
+    x_T = sigma_max * eps + (inp["concat_lr"] if lr_noise_init else 0)
+    den = denoise(model, x_T, sigma_max, lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"])
+    # One Euler step to sigma 0 lands on D(x_T); written as the step to keep float32 rounding alike.
+    assert rel_l2(out, x_T - sigma_max * (x_T - den) / sigma_max) <= 1e-5
+    assert rel_l2(out, den) <= 1e-4
+
+
+def test_heun_then_final_euler(model):
+    inp = random_inputs(1, 1, 2, seed=10)
+    eps = unit_noise(inp["concat_lr"].shape, 4)
+    cond = dict(lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"])
+    out = sample(model, steps=2, noise=eps, block_batch=1, **cond)
+    s0, s1 = karras_sigmas(2)[:2]  # a 2-step Karras schedule is just the two ends, 40 and 0.002
+    D = lambda x, s: denoise(model, x, s, **cond)  # noqa: E731
+    x0 = inp["concat_lr"] + s0 * eps
+    d0 = (x0 - D(x0, s0)) / s0
+    x_e = x0 + (s1 - s0) * d0
+    x1 = x0 + (s1 - s0) * (d0 + (x_e - D(x_e, s1)) / s1) / 2
+    x2 = x1 + (0 - s1) * (x1 - D(x1, s1)) / s1  # last step: Euler to sigma = 0
+    assert rel_l2(out, x2) <= 1e-5
+
+
+def test_karras_schedule_is_the_official_one(golden_dir):
+    manifest = json.loads((golden_dir / "manifest.json").read_text())
+    assert torch.equal(karras_sigmas(20), torch.tensor(manifest["sigma_schedule"], dtype=torch.float32))
+
+
+def test_progress_callback_counts_every_block_batch(model):
+    inp = random_inputs(1, 2, 3, seed=11)
+    calls = []
+    sample(model, lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=3, seed=0,
+           block_batch=4, callback=lambda *a: calls.append(a[:4]))
+    per_call = 2  # 6 blocks in batches of 4 -> 2 network calls per denoiser evaluation
+    assert len(calls) == network_calls(3) * per_call
+    assert calls[-1][2:] == (network_calls(3) * 6, network_calls(3) * 6)
+    assert [c[2] for c in calls] == sorted(c[2] for c in calls)
+    assert sorted({c[0] for c in calls}) == [0, 1, 2] and all(c[1] == 3 for c in calls)
+
+
+def test_preview_fills_in_block_order(model):
+    inp = random_inputs(1, 1, 2, seed=12)
+    previews = []
+    sample(model, lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=1, seed=0,
+           block_batch=1, callback=lambda *a: previews.append(a[4].clone()))
+    first = previews[0]
+    # After the first block only the left block changed; the right one still shows the bicubic LR.
+    assert not torch.equal(first[..., :32], inp["concat_lr"][..., :32])
+    assert torch.equal(first[..., 32:], inp["concat_lr"][..., 32:])
+
+
+def test_exception_in_callback_stops_and_model_stays_usable(model):
+    inp = random_inputs(1, 2, 2, seed=13)
+    common = dict(lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=2, seed=1,
+                  block_batch=1)
+    seen = []
+
+    def interrupt(step, total, done, blocks_total, preview):
+        seen.append(done)
+        if done == 3:
+            raise KeyboardInterrupt("user pressed cancel")
+
+    with pytest.raises(KeyboardInterrupt):
+        sample(model, callback=interrupt, **common)
+    assert seen == [1, 2, 3]
+    torch.testing.assert_close(sample(model, **common), sample(model, **common), rtol=0, atol=0)
+
+
+class FlakyAllocator:
+    """Fails any network call holding more than `limit` blocks, like a device running out of memory."""
+
+    def __init__(self, model, limit, error=torch.OutOfMemoryError):
+        self.model, self.limit, self.error, self.failures = model, limit, error, 0
+        self.original = model.forward_blocks
+
+    def __enter__(self):
+        def forward_blocks(inputs, cond, neighbours):
+            if inputs.z.shape[0] > self.limit:
+                self.failures += 1
+                raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return self.original(inputs, cond, neighbours)
+        self.model.forward_blocks = forward_blocks
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.forward_blocks
+
+
+def test_out_of_memory_halves_block_batch_and_gives_same_pixels(model):
+    inp = random_inputs(1, 2, 4, seed=14)
+    common = dict(lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=2, seed=3)
+    reference = sample(model, block_batch=8, **common)
+    with FlakyAllocator(model, limit=2) as flaky, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = sample(model, block_batch=8, **common)
+    assert [str(w.message) for w in caught] == [f"Inf-DiT: out of memory, retrying with block_batch={n}"
+                                                for n in (4, 2)]
+    assert flaky.failures == 2  # 8 -> 4 -> 2, then the smaller batch sticks for later calls
+    assert rel_l2(out, reference) <= 1e-5
+
+
+def test_cpu_allocator_failure_is_treated_as_out_of_memory(model):
+    inp = random_inputs(1, 1, 2, seed=15)
+    with FlakyAllocator(model, limit=1, error=RuntimeError), pytest.warns(UserWarning):
+        sample(model, lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=1,
+               block_batch=2)
+
+
+def test_out_of_memory_at_one_block_says_what_to_do(model):
+    inp = random_inputs(1, 1, 2, seed=16)
+    with FlakyAllocator(model, limit=0), pytest.raises(OutOfMemory, match="Lower the output size"):
+        sample(model, lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=1,
+               block_batch=1)
+
+
+def test_other_errors_are_not_retried(model):
+    inp = random_inputs(1, 1, 2, seed=17)
+    with FlakyAllocator(model, limit=0, error=ValueError), pytest.raises(ValueError):
+        sample(model, lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=1,
+               block_batch=2)
+
+
+def test_planner_and_auto_block_batch(model):
+    config = model.config
+    whole = plan(config, 512, 512, 10 ** 6, torch.float32)
+    small = plan(config, 512, 512, 1, torch.float32)
+    assert whole.kv_cache == 0 and small.kv_cache > 0
+    assert small.total < whole.total
+    assert plan(config, 512, 512, 4, torch.float32).activations == 4 * small.activations
+    budget = plan(config, 512, 512, 7, torch.float32).working
+    assert choose_block_batch(config, 512, 512, torch.float32, budget) == 7
+    assert choose_block_batch(config, 512, 512, torch.float32, 0) == 1
