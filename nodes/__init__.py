@@ -7,3 +7,11 @@ NODE_DISPLAY_NAME_MAPPINGS = {}
 def _register(module):
     NODE_CLASS_MAPPINGS.update(module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(module.NODE_DISPLAY_NAME_MAPPINGS)
+
+from . import embed as _embed, loaders as _loaders, upscale as _upscale  # noqa: E402
+from . import hidiffusion as _hidiffusion  # noqa: E402
+
+_register(_loaders)
+_register(_embed)
+_register(_upscale)
+_register(_hidiffusion)

@@ -11,3 +11,66 @@ GOLDEN = SHARED / "golden"
 def golden_dir():
     assert GOLDEN.is_dir(), f"golden vectors not found at {GOLDEN}: ../shared must sit beside the repo"
     return GOLDEN
+
+
+# --- ComfyUI node pack under test (tests/test_nodes.py, tests/test_workflows.py) -----------------
+PACK_NAME = "infdit_pack_under_test"  # shared with tests/test_hidiffusion.py: one import per session
+# A tiny open_clip CLIP whose head width is CLIP's 64, so load_clip infers it from shapes alone
+# (the node has no config override); the real vocabulary size so the text nudge can tokenize.
+TINY_CLIP = {"embed_dim": 768,
+             "vision_cfg": {"layers": 1, "width": 64, "head_width": 64, "patch_size": 14, "image_size": 56},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}}
+
+
+def load_pack():
+    """The pack's __init__.py imported the way ComfyUI does: by file, under a mangled name."""
+    import importlib.util
+    import sys
+
+    if PACK_NAME not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK_NAME, REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_NAME] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PACK_NAME]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    import open_clip
+    import torch
+
+    model = open_clip.CLIP(TINY_CLIP["embed_dim"], TINY_CLIP["vision_cfg"], TINY_CLIP["text_cfg"]).eval()
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():  # re-draw everything so no LayerNorm sits at the identity
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (1.0 if ".ln_" in "." + name and name.endswith(".weight") else 0.0))
+    return model
+
+
+@pytest.fixture(scope="session")
+def models_root(golden_dir, tiny_clip, tmp_path_factory):
+    """A ComfyUI-style models/ folder: infdit/ with the tiny model alone and with an embedded CLIP
+    image tower (as a converted official checkpoint), clip_vision/ with the full tiny CLIP."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("models")
+    (root / "infdit").mkdir()
+    (root / "clip_vision").mkdir()
+    shutil.copy(golden_dir / "tiny_model.safetensors", root / "infdit" / "tiny_model.safetensors")
+    clip_sd = {k: v.contiguous() for k, v in tiny_clip.state_dict().items()}
+    with_clip = load_file(golden_dir / "tiny_model.safetensors")
+    with_clip.update({"image_encoder.model." + k: v for k, v in clip_sd.items() if k.startswith("visual.")})
+    save_file(with_clip, root / "infdit" / "tiny_with_clip.safetensors")
+    save_file(clip_sd, root / "clip_vision" / "tiny_clip.safetensors")
+    return root
+
+
+@pytest.fixture
+def models_dir(models_root, monkeypatch):
+    """models_root as the pack's model folder (ComfyUI absent: $INFDIT_MODELS_DIR)."""
+    monkeypatch.setenv("INFDIT_MODELS_DIR", str(models_root))
+    return models_root

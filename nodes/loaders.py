@@ -1,0 +1,127 @@
+"""Load Inf-DiT Model and Load Inf-DiT CLIP: file pickers that hand engine objects to the graph."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..infdit_core import CheckpointError, ClipEmbedder, InfDiT, load_clip
+from ..infdit_core.checkpoint import (CLIP_VISUAL_PREFIX, OFFICIAL_WEIGHTS_URL, build_model,
+                                      missing_weights_message, read_state_dict)
+from . import comfy_bridge as bridge
+
+CATEGORY = "image/upscaling/Inf-DiT"
+FOLDER_HINT = "ComfyUI/models/infdit"
+EMBEDDED_CLIP = "embedded in the Inf-DiT checkpoint"
+WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+bridge.register_model_folder()
+
+
+@dataclass
+class InfDiTModel:
+    """What travels on an INFDIT_MODEL socket."""
+    managed: bridge.ManagedModel
+    path: str
+    has_embedded_clip: bool
+
+    @property
+    def model(self) -> InfDiT:
+        return self.managed.model
+
+
+def _searched(folder: str) -> str:
+    return ", ".join(bridge.folder_dirs(folder)) or "(no folder registered)"
+
+
+def load_infdit(model_name: str, weight_dtype: str = "auto") -> InfDiTModel:
+    path = bridge.find_file(bridge.INFDIT_FOLDER, model_name)
+    if path is None:
+        raise FileNotFoundError(missing_weights_message(
+            model_name, f"{FOLDER_HINT} (searched: {_searched(bridge.INFDIT_FOLDER)})"))
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    device, offload = bridge.compute_device(), bridge.offload_device()
+    dtype = WEIGHT_DTYPES[weight_dtype] or bridge.auto_dtype(device)
+    try:
+        sd, _ = read_state_dict(path)
+        # Built on the offload device: ComfyUI's memory manager moves it when a run needs it.
+        model = build_model(sd, dtype=dtype, device=offload, name=path)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}\nFile: {model_name} in {os.path.dirname(path)}. Inf-DiT weights are the "
+                              f"official checkpoint from {OFFICIAL_WEIGHTS_URL} (or a .safetensors converted "
+                              "from it); put them in " + FOLDER_HINT + ".") from None
+    has_clip = any(k.startswith(CLIP_VISUAL_PREFIX) for k in sd)
+    return InfDiTModel(bridge.ManagedModel(model, device, offload), path, has_clip)
+
+
+def load_infdit_clip(clip_name: str, infdit_model: InfDiTModel | None = None) -> ClipEmbedder:
+    device, offload = bridge.compute_device(), bridge.offload_device()
+    if clip_name == EMBEDDED_CLIP:
+        if infdit_model is None:
+            raise ValueError(f"'{EMBEDDED_CLIP}' needs the Load Inf-DiT Model output connected to this node's "
+                             "infdit_model input, or pick a CLIP file instead.")
+        if not infdit_model.has_embedded_clip:
+            raise ValueError(f"{infdit_model.path} has no CLIP image tower ({CLIP_VISUAL_PREFIX}* keys). Pick the "
+                             "open_clip ViT-L-14 DataComp-XL file (open_clip_pytorch_model.bin from "
+                             "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K) in models/clip_vision instead.")
+        path = infdit_model.path
+    else:
+        path = bridge.find_file(bridge.CLIP_FOLDER, clip_name) or bridge.find_file(bridge.INFDIT_FOLDER, clip_name)
+        if path is None:
+            # load_clip's own error names the expected folder and where to download the file.
+            path = os.path.join(bridge.folder_dirs(bridge.CLIP_FOLDER)[0], clip_name)
+    # Kept on the offload device: it runs once per image, the embed node moves it for that moment.
+    return load_clip(path, dtype=bridge.auto_dtype(device), device=offload)
+
+
+class InfDiTModelLoader:
+    DESCRIPTION = ("Loads Inf-DiT weights (the official mp_rank_00_model_states.pt or a converted .safetensors) "
+                   "from models/infdit. ComfyUI's memory manager moves the model to the GPU only while it runs.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("INFDIT_MODEL",)
+    OUTPUT_TOOLTIPS = ("The Inf-DiT diffusion upscaler.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (bridge.list_files(bridge.INFDIT_FOLDER), {
+                "tooltip": "Inf-DiT checkpoint in ComfyUI/models/infdit (official .pt or converted .safetensors)."}),
+            "weight_dtype": (list(WEIGHT_DTYPES), {
+                "default": "auto",
+                "tooltip": "Precision of the weights. auto: bf16 (what Inf-DiT was trained in) where the GPU supports "
+                           "it, else fp16, fp32 on CPU. bf16/fp16 halve the memory of fp32."}),
+        }}
+
+    def load(self, model_name, weight_dtype):
+        return (load_infdit(model_name, weight_dtype),)
+
+
+class InfDiTClipLoader:
+    DESCRIPTION = ("Loads the CLIP image encoder Inf-DiT is conditioned on: the image tower stored inside the "
+                   "Inf-DiT checkpoint, or the full open_clip ViT-L-14 DataComp-XL file (needed for the text nudge).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("INFDIT_CLIP",)
+    OUTPUT_TOOLTIPS = ("CLIP for Inf-DiT CLIP Semantic Embed or the upscaler's clip input.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = bridge.list_files(bridge.CLIP_FOLDER) + bridge.list_files(bridge.INFDIT_FOLDER)
+        return {
+            "required": {"clip_name": ([EMBEDDED_CLIP] + list(dict.fromkeys(files)), {
+                "tooltip": "Where the CLIP weights come from: the image tower inside the Inf-DiT checkpoint "
+                           "(connect infdit_model), or an open_clip ViT-L-14 DataComp-XL file from "
+                           "models/clip_vision (the full file also has the text tower for the text nudge)."})},
+            "optional": {"infdit_model": ("INFDIT_MODEL", {
+                "tooltip": "Needed only for 'embedded in the Inf-DiT checkpoint'."})},
+        }
+
+    def load(self, clip_name, infdit_model=None):
+        return (load_infdit_clip(clip_name, infdit_model),)
+
+
+NODE_CLASS_MAPPINGS = {"InfDiTModelLoader": InfDiTModelLoader, "InfDiTClipLoader": InfDiTClipLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"InfDiTModelLoader": "Load Inf-DiT Model", "InfDiTClipLoader": "Load Inf-DiT CLIP"}

@@ -1,0 +1,138 @@
+"""Inf-DiT UniBA Upscale: IMAGE in, IMAGE out, with progress, previews, interruption and
+ComfyUI's memory manager; the sampling itself is infdit_core.upscale."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..infdit_core import plan, upscale
+from ..infdit_core.memory import is_out_of_memory
+from ..infdit_core.pipeline import MAX_FACTOR, OutOfMemory
+from ..infdit_core.sampling import DEFAULT_STEPS
+from . import comfy_bridge as bridge
+from .embed import image_embedding
+from .loaders import CATEGORY, InfDiTModel
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def _output_size(image: torch.Tensor, scale: float) -> tuple[int, int]:
+    # infdit_core.upscale's documented output size for a single pass (scale <= 4).
+    return round(image.shape[1] * scale), round(image.shape[2] * scale)
+
+
+def _check_scale(scale) -> str | None:
+    if not 1.0 < scale <= MAX_FACTOR:
+        more = "; chain Inf-DiT UniBA Upscale nodes for more" if scale > MAX_FACTOR else ""
+        return f"scale must be above 1 and at most {MAX_FACTOR:g} (got {scale}){more}."
+    return None
+
+
+def _embedding_for(image, embed, clip) -> torch.Tensor:
+    if embed is None:
+        if clip is None:
+            raise ValueError("Inf-DiT UniBA Upscale needs the image's semantics: connect 'embed' (from Inf-DiT CLIP "
+                             "Semantic Embed) or 'clip' (from Load Inf-DiT CLIP) so it is computed from the image.")
+        embed = image_embedding(clip, image)
+    batch = image.shape[0]
+    if embed.shape[0] == 1:
+        return embed.expand(batch, -1)
+    if embed.shape[0] != batch:
+        raise ValueError(f"the embed holds {embed.shape[0]} embeddings but the image batch has {batch} images; "
+                         "compute the embed from this image batch (or from a single image).")
+    return embed
+
+
+def _out_of_memory_advice(out_hw, batch, dtype) -> str:
+    knobs = ["free the GPU (other models, other programs)"]
+    if batch > 1:
+        knobs.insert(0, f"upscale the {batch} images one at a time")
+    if dtype == torch.float32:
+        knobs.insert(0, "set weight_dtype to bf16 or fp16 in Load Inf-DiT Model")
+    knobs.append("lower scale (then chain another upscale)")
+    return (f"Inf-DiT ran out of memory for a {out_hw[1]}x{out_hw[0]} output even with block_batch 1 "
+            f"(the smallest). Try: {'; '.join(knobs)}.")
+
+
+def run_upscale(model: InfDiTModel, image: torch.Tensor, scale: float = 4.0, steps: int = DEFAULT_STEPS,
+                seed: int = 0, block_batch: int = 0, lr_noise_init: bool = True, embed=None, clip=None) -> torch.Tensor:
+    """IMAGE [B,H,W,C] -> IMAGE [B,round(H*scale),round(W*scale),C]; block_batch 0 = auto."""
+    problem = _check_scale(scale)
+    if problem:
+        raise ValueError(problem)
+    clip_vector = _embedding_for(image, embed, clip)
+    out_hw = _output_size(image, scale)
+    network = model.model
+    # What the run needs beyond the weights; auto asks for the fastest sweep (all blocks at once,
+    # plan caps the batch at the block count) so other models are evicted before ours is loaded.
+    wanted = block_batch if block_batch > 0 else sys.maxsize
+    need = plan(network.config, *out_hw, wanted, network.dtype, batch=image.shape[0]).working
+    network = model.managed.load(need)
+    try:
+        out = upscale(network, bridge.image_to_bchw(image).to(network.device), scale=scale,
+                      clip_vector=clip_vector, steps=steps, seed=seed, lr_noise_init=lr_noise_init,
+                      block_batch=block_batch if block_batch > 0 else "auto",
+                      callback=bridge.ProgressReporter(out_hw))
+    except Exception as error:
+        if isinstance(error, OutOfMemory) or is_out_of_memory(error):
+            raise bridge.InfDiTOutOfMemory(_out_of_memory_advice(out_hw, image.shape[0], network.dtype)) from error
+        raise
+    finally:
+        bridge.soft_empty_cache()
+    return bridge.bchw_to_image(out)
+
+
+class InfDiTUpscale:
+    DESCRIPTION = ("Inf-DiT diffusion upscaling (up to 4x per node) of any size: the image is generated block by "
+                   "block (UniBA) so memory stays bounded and there are no tile seams. Chain nodes for 16x.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The upscaled image batch (alpha is kept, resized bicubically).",)
+    FUNCTION = "upscale"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("INFDIT_MODEL", {"tooltip": "From Load Inf-DiT Model."}),
+                "image": ("IMAGE", {"tooltip": "Image batch to upscale, any size; RGB, grayscale or RGBA."}),
+                "scale": ("FLOAT", {
+                    "default": 4.0, "min": 1.0, "max": MAX_FACTOR, "step": 0.05,
+                    "tooltip": "Upscale factor, above 1 and up to 4 (the model's native 4x is best). Chain a second "
+                               "node for 16x."}),
+                "steps": ("INT", {
+                    "default": DEFAULT_STEPS, "min": 1, "max": 200,
+                    "tooltip": "Sampler steps (Heun). 20 is the official setting; fewer is faster and softer."}),
+                "seed": ("INT", {
+                    "default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                    "tooltip": "Noise seed. The same seed gives the same image whatever the block batch or device."}),
+                "block_batch": ("INT", {
+                    "default": 0, "min": 0, "max": 4096,
+                    "tooltip": "Blocks per network call. 0 = auto: as many as fit in free memory. Larger is faster but "
+                               "needs more memory; lower it if you run out of memory (1 uses the least). "
+                               "Out-of-memory is retried with half automatically."}),
+                "lr_noise_init": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "Start sampling from the upscaled input plus noise (official) instead of pure noise. "
+                               "Keeps the colours of the input; turn off only to experiment (colour shift)."}),
+            },
+            "optional": {
+                "embed": ("INFDIT_EMBED", {
+                    "tooltip": "From Inf-DiT CLIP Semantic Embed. If absent, computed from the image with 'clip'."}),
+                "clip": ("INFDIT_CLIP", {
+                    "tooltip": "From Load Inf-DiT CLIP; used only when 'embed' is not connected."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, scale):
+        # Declaring `scale` here makes ComfyUI skip its own min/max check for it: do it all here.
+        return True if scale is None else (_check_scale(scale) or True)
+
+    def upscale(self, model, image, scale, steps, seed, block_batch, lr_noise_init, embed=None, clip=None):
+        return (run_upscale(model, image, scale, steps, seed, block_batch, lr_noise_init, embed, clip),)
+
+
+NODE_CLASS_MAPPINGS = {"InfDiTUpscale": InfDiTUpscale}
+NODE_DISPLAY_NAME_MAPPINGS = {"InfDiTUpscale": "Inf-DiT UniBA Upscale"}

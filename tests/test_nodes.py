@@ -1,0 +1,318 @@
+"""The ComfyUI nodes, run without ComfyUI on the tiny golden model (2 layers, 32-px blocks).
+
+A 16x16 input at 4x is a 64x64 output: 4 blocks. Steps are kept at 2 (3 network calls)."""
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import load_pack
+from infdit_core.checkpoint import OFFICIAL_WEIGHTS_URL
+from infdit_core.clip import CLIP_HF_REPO
+from infdit_core.sampling import network_calls
+
+PACK = load_pack()
+NODES = PACK.NODE_CLASS_MAPPINGS
+bridge = sys.modules[PACK.__name__ + ".nodes.comfy_bridge"]
+loaders = sys.modules[PACK.__name__ + ".nodes.loaders"]
+upscale_mod = sys.modules[PACK.__name__ + ".nodes.upscale"]
+
+OUR_NODES = {"InfDiTModelLoader": "Load Inf-DiT Model", "InfDiTClipLoader": "Load Inf-DiT CLIP",
+             "InfDiTClipEmbed": "Inf-DiT CLIP Semantic Embed", "InfDiTUpscale": "Inf-DiT UniBA Upscale"}
+STEPS = 2
+
+
+def image(b=1, h=16, w=16, c=3, seed=0):
+    return torch.rand(b, h, w, c, generator=torch.Generator().manual_seed(seed))
+
+
+def unit(b=1, seed=1):
+    return F.normalize(torch.randn(b, 768, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+@pytest.fixture
+def model(models_dir):
+    return NODES["InfDiTModelLoader"]().load("tiny_model.safetensors", "auto")[0]
+
+
+def run(model, img, embed=None, clip=None, **kw):
+    args = dict(scale=4.0, steps=STEPS, seed=0, block_batch=0, lr_noise_init=True)
+    args.update(kw)
+    return NODES["InfDiTUpscale"]().upscale(model, img, embed=embed, clip=clip, **args)[0]
+
+
+class Recorder:
+    """Stands in for comfy.utils.ProgressBar; optionally raises at the n-th update (ComfyUI's
+    interrupt arrives the same way: an exception from the progress hook)."""
+
+    def __init__(self, raise_at=None, error=KeyboardInterrupt):
+        self.updates, self.raise_at, self.error = [], raise_at, error
+
+    def factory(self, total):
+        self.created_with = total
+        return self
+
+    def update_absolute(self, value, total=None, preview=None):
+        self.updates.append((value, total, preview))
+        if self.raise_at is not None and len(self.updates) >= self.raise_at:
+            raise self.error("stop")
+
+
+# --- registration and interfaces -----------------------------------------------------------
+
+
+def test_pack_exports_our_nodes_with_tooltips():
+    for node_id, display in OUR_NODES.items():
+        cls = NODES[node_id]
+        assert PACK.NODE_DISPLAY_NAME_MAPPINGS[node_id] == display
+        assert cls.CATEGORY == "image/upscaling/Inf-DiT"
+        assert hasattr(cls, cls.FUNCTION) and cls.DESCRIPTION
+        for section in cls.INPUT_TYPES().values():
+            for name, (_, options) in section.items():
+                assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+def test_fixed_interfaces(models_dir):
+    def order(node_id):
+        spec = NODES[node_id].INPUT_TYPES()
+        return list(spec["required"]), list(spec.get("optional", {}))
+
+    assert order("InfDiTModelLoader") == (["model_name", "weight_dtype"], [])
+    assert order("InfDiTClipLoader") == (["clip_name"], ["infdit_model"])
+    assert order("InfDiTClipEmbed") == (["image", "clip", "positive", "negative", "strength"],
+                                        ["reference_image", "reference_weight"])
+    assert order("InfDiTUpscale") == (["model", "image", "scale", "steps", "seed", "block_batch", "lr_noise_init"],
+                                      ["embed", "clip"])
+    assert [NODES[n].RETURN_TYPES for n in OUR_NODES] == [("INFDIT_MODEL",), ("INFDIT_CLIP",), ("INFDIT_EMBED",), ("IMAGE",)]
+    up = NODES["InfDiTUpscale"].INPUT_TYPES()["required"]
+    assert up["seed"][1]["control_after_generate"] is True and up["seed"][1]["max"] == 0xFFFFFFFFFFFFFFFF
+    assert [up[k][1]["default"] for k in ("scale", "steps", "seed", "block_batch", "lr_noise_init")] == [4.0, 20, 0, 0, True]
+    loader = NODES["InfDiTModelLoader"].INPUT_TYPES()["required"]
+    assert loader["model_name"][0] == ["tiny_model.safetensors", "tiny_with_clip.safetensors"]
+    assert loader["weight_dtype"][0] == ["auto", "bf16", "fp16", "fp32"]
+    clip_names = NODES["InfDiTClipLoader"].INPUT_TYPES()["required"]["clip_name"][0]
+    assert clip_names == ["embedded in the Inf-DiT checkpoint", "tiny_clip.safetensors",
+                          "tiny_model.safetensors", "tiny_with_clip.safetensors"]
+
+
+def test_scale_validation():
+    validate = NODES["InfDiTUpscale"].VALIDATE_INPUTS
+    assert validate(scale=4.0) is True and validate(scale=1.05) is True and validate(scale=None) is True
+    for bad in (1.0, 0.5, 4.05):
+        assert "above 1 and at most 4" in validate(scale=bad)
+
+
+# --- loaders ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("choice,dtype", [("auto", torch.float32), ("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_model_loader_dtype(models_dir, choice, dtype):
+    loaded = NODES["InfDiTModelLoader"]().load("tiny_model.safetensors", choice)[0]
+    assert loaded.model.dtype == dtype and loaded.model.device.type == "cpu"
+    assert loaded.model.config.block_size == 32 and not loaded.has_embedded_clip
+
+
+def test_missing_model_names_file_folder_and_source(models_dir):
+    with pytest.raises(FileNotFoundError) as err:
+        NODES["InfDiTModelLoader"]().load("nope.safetensors", "auto")
+    text = str(err.value)
+    assert "nope.safetensors" in text and "ComfyUI/models/infdit" in text and str(models_dir / "infdit") in text
+    assert OFFICIAL_WEIGHTS_URL in text
+
+
+def test_wrong_model_file_names_file_folder_and_source(models_dir):
+    # A CLIP file put in models/infdit by mistake.
+    (models_dir / "infdit" / "wrong.safetensors").write_bytes((models_dir / "clip_vision" / "tiny_clip.safetensors").read_bytes())
+    try:
+        with pytest.raises(PACK.infdit_core.CheckpointError) as err:
+            NODES["InfDiTModelLoader"]().load("wrong.safetensors", "auto")
+    finally:
+        (models_dir / "infdit" / "wrong.safetensors").unlink()
+    text = str(err.value)
+    assert "does not contain Inf-DiT weights" in text and "wrong.safetensors" in text
+    assert str(models_dir / "infdit") in text and OFFICIAL_WEIGHTS_URL in text
+
+
+def test_clip_loader_embedded(models_dir, tiny_clip):
+    with_clip = NODES["InfDiTModelLoader"]().load("tiny_with_clip.safetensors", "fp32")[0]
+    assert with_clip.has_embedded_clip
+    clip = NODES["InfDiTClipLoader"]().load("embedded in the Inf-DiT checkpoint", with_clip)[0]
+    assert not clip.has_text_tower
+    x = torch.rand(2, 3, 40, 50, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = tiny_clip.encode_image(clip.preprocess(x), normalize=True)
+    torch.testing.assert_close(clip.embed_image(x), want, atol=1e-6, rtol=0)
+
+
+def test_clip_loader_errors(models_dir, model):
+    loader = NODES["InfDiTClipLoader"]()
+    with pytest.raises(ValueError, match="infdit_model input"):
+        loader.load("embedded in the Inf-DiT checkpoint")
+    with pytest.raises(ValueError, match="tiny_model.safetensors has no CLIP image tower"):
+        loader.load("embedded in the Inf-DiT checkpoint", model)
+    with pytest.raises(FileNotFoundError) as err:
+        loader.load("missing_clip.bin")
+    assert "missing_clip.bin" in str(err.value) and str(models_dir / "clip_vision") in str(err.value)
+    assert CLIP_HF_REPO in str(err.value)
+
+
+# --- embed ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def full_clip(models_dir):
+    return NODES["InfDiTClipLoader"]().load("tiny_clip.safetensors")[0]
+
+
+def embed(clip, img, strength=0.0, **kw):
+    return NODES["InfDiTClipEmbed"]().embed(img, clip, "HD, high resolution, clear.", "noisy,blurry,low resolution.",
+                                            strength, **kw)[0]
+
+
+def test_embed_node(full_clip):
+    img, ref = image(2, 30, 40), image(1, 20, 20, seed=5)
+    e = embed(full_clip, img)
+    want = full_clip.embed_image(img.movedim(-1, 1))
+    assert e.shape == (2, 768) and e.device.type == "cpu"
+    torch.testing.assert_close(e, want)
+    # The alpha channel is not content.
+    torch.testing.assert_close(embed(full_clip, torch.cat([img, torch.rand(2, 30, 40, 1)], -1)), e)
+    e_ref = full_clip.embed_image(ref.movedim(-1, 1))
+    torch.testing.assert_close(embed(full_clip, img, reference_image=ref, reference_weight=1.0), e_ref.expand(2, -1))
+    torch.testing.assert_close(embed(full_clip, img, reference_image=ref, reference_weight=0.0), e)
+    half = embed(full_clip, img, reference_image=ref, reference_weight=0.5)
+    torch.testing.assert_close(half, F.normalize(e + e_ref, dim=-1))
+    nudged = embed(full_clip, img, strength=2.0)
+    torch.testing.assert_close(nudged, full_clip.nudge(e, "HD, high resolution, clear.", "noisy,blurry,low resolution.", 2.0))
+    assert (nudged - e).abs().max() > 1e-3
+
+
+def test_embed_nudge_needs_text_tower(models_dir):
+    with_clip = NODES["InfDiTModelLoader"]().load("tiny_with_clip.safetensors", "fp32")[0]
+    clip = NODES["InfDiTClipLoader"]().load("embedded in the Inf-DiT checkpoint", with_clip)[0]
+    assert embed(clip, image()).shape == (1, 768)
+    with pytest.raises(ValueError, match="text tower"):
+        embed(clip, image(), strength=2.0)
+
+
+# --- upscale ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("c", [1, 3, 4])
+def test_upscale_shapes_range_and_inputs_untouched(model, c):
+    img = image(2, 16, 12, c)
+    before = img.clone()
+    out = run(model, img, unit(1))
+    assert out.shape == (2, 64, 48, c) and out.dtype == torch.float32 and out.device.type == "cpu"
+    assert out.is_contiguous() and 0 <= out.min() and out.max() <= 1 and out.std() > 0.01
+    assert torch.equal(img, before)
+    if c == 4:  # alpha is resized, not generated
+        torch.testing.assert_close(out[..., 3:], F.interpolate(img[..., 3:].movedim(-1, 1), (64, 48), mode="bicubic",
+                                                                antialias=True).clamp(0, 1).movedim(1, -1))
+
+
+def test_upscale_fractional_scale(model):
+    assert run(model, image(1, 15, 10), unit(), scale=2.5).shape == (1, 38, 25, 3)
+
+
+def test_upscale_deterministic_for_a_seed(model):
+    img, e = image(), unit()
+    a = run(model, img, e, seed=7, block_batch=1)
+    assert torch.equal(run(model, img, e, seed=7, block_batch=1), a)
+    # Another block batch only reorders float32 sums.
+    torch.testing.assert_close(run(model, img, e, seed=7, block_batch=3), a, atol=5e-4, rtol=0)
+    c = run(model, img, e, seed=2 ** 64 - 1, block_batch=1)
+    assert (a - c).abs().max() > 1e-2
+    d = run(model, img, e, seed=7, block_batch=1, lr_noise_init=False)
+    assert (a - d).abs().max() > 1e-2
+
+
+def test_upscale_needs_embed_or_clip(model, full_clip):
+    img = image(2)
+    with pytest.raises(ValueError, match="connect 'embed'.*or 'clip'"):
+        run(model, img)
+    torch.testing.assert_close(run(model, img, clip=full_clip), run(model, img, embed(full_clip, img)))
+    with pytest.raises(ValueError, match="3 embeddings but the image batch has 2"):
+        run(model, img, unit(3))
+    with pytest.raises(ValueError, match="above 1 and at most 4"):
+        run(model, img, unit(), scale=1.0)
+
+
+@pytest.mark.parametrize("block_batch,batches", [(1, 4), (2, 2), (0, 1)])
+def test_progress_counts_every_block_batch(model, monkeypatch, block_batch, batches):
+    rec = Recorder()
+    monkeypatch.setattr(bridge, "progress_bar", rec.factory)
+    monkeypatch.setattr(bridge, "PREVIEW_INTERVAL_S", 0.0)
+    run(model, image(), unit(), block_batch=block_batch)  # auto: 4 blocks fit easily in memory
+    total = network_calls(STEPS) * 4
+    assert rec.created_with == total
+    assert len(rec.updates) == network_calls(STEPS) * batches
+    assert [v for v, _, _ in rec.updates] == [total * (i + 1) // len(rec.updates) for i in range(len(rec.updates))]
+    assert all(t == total for _, t, _ in rec.updates)
+    fmt, pil, size = rec.updates[-1][2]
+    assert (fmt, pil.size, size, pil.mode) == ("JPEG", (64, 64), 512, "RGB")
+
+
+def test_previews_are_throttled_and_downsized(model, monkeypatch):
+    rec = Recorder()
+    monkeypatch.setattr(bridge, "progress_bar", rec.factory)
+    times = iter([0.0, 0.3, 0.6, 1.2] + [1.3] * 100)
+    reporter = bridge.ProgressReporter((1000, 600), clock=lambda: next(times))
+    canvas = torch.zeros(1, 3, 1024, 640)
+    for i in range(6):
+        reporter(0, 1, i + 1, 6, canvas)
+    sent = [p for _, _, p in rec.updates]
+    assert [p is not None for p in sent] == [True, False, False, True, False, False]
+    assert sent[0][1].size == (307, 512)  # PIL: (width, height), longer side 512, padding cropped off
+    assert sent[0][1].getpixel((0, 0)) == (128, 128, 128)  # x0 = 0 is mid-grey
+
+
+def test_interrupt_stops_run_and_next_run_works(model, monkeypatch):
+    img, e = image(), unit()
+    reference = run(model, img, e, block_batch=1)
+    rec = Recorder(raise_at=3)
+    monkeypatch.setattr(bridge, "progress_bar", rec.factory)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, img, e, block_batch=1)
+    assert len(rec.updates) == 3  # stopped within one block batch
+    monkeypatch.setattr(bridge, "progress_bar", Recorder().factory)
+    torch.testing.assert_close(run(model, img, e, block_batch=1), reference, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("batch,dtype,advice", [(1, "fp32", "weight_dtype to bf16"), (2, "bf16", "one at a time")])
+def test_out_of_memory_says_which_knob(models_dir, monkeypatch, batch, dtype, advice):
+    # Every block batch "runs out of memory": the engine halves down to 1, then gives up.
+    model = NODES["InfDiTModelLoader"]().load("tiny_model.safetensors", dtype)[0]
+    monkeypatch.setattr(bridge, "progress_bar", Recorder(raise_at=1, error=torch.OutOfMemoryError).factory)
+    with pytest.warns(UserWarning, match="retrying with block_batch"), pytest.raises(bridge.InfDiTOutOfMemory) as err:
+        run(model, image(batch), unit(), block_batch=4)
+    assert isinstance(err.value, torch.OutOfMemoryError)  # ComfyUI unloads models on these
+    text = str(err.value)
+    assert "64x64 output even with block_batch 1" in text and advice in text and "lower scale" in text
+
+
+def test_bridge_without_comfyui(models_dir):
+    assert not bridge.in_comfyui()
+    bridge.register_model_folder()  # a no-op without ComfyUI
+    assert bridge.folder_dirs("infdit") == [str(models_dir / "infdit")]
+    assert bridge.find_file("clip_vision", "tiny_clip.safetensors") == str(models_dir / "clip_vision" / "tiny_clip.safetensors")
+    assert bridge.find_file("clip_vision", "absent.bin") is None
+    assert bridge.intermediate_device() == torch.device("cpu")
+    assert bridge.auto_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_folder_registration_keeps_extra_model_paths(monkeypatch, tmp_path):
+    # folder_paths as ComfyUI leaves it after extra_model_paths.yaml added an "infdit" path: an
+    # entry with an empty extension set (which would list every file).
+    import types
+
+    fake = types.SimpleNamespace(models_dir=str(tmp_path / "models"), supported_pt_extensions={".pt", ".safetensors"},
+                                 folder_names_and_paths={"infdit": (["/nas/infdit"], set())})
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    bridge.register_model_folder()
+    assert fake.folder_names_and_paths["infdit"] == (["/nas/infdit", str(tmp_path / "models" / "infdit")],
+                                                     {".pt", ".safetensors"})
+    del fake.folder_names_and_paths["infdit"]
+    bridge.register_model_folder()
+    assert fake.folder_names_and_paths["infdit"] == ([str(tmp_path / "models" / "infdit")], {".pt", ".safetensors"})
