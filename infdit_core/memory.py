@@ -1,7 +1,7 @@
 """Predicted peak memory of a block sweep, the block-batch chooser, and out-of-memory detection.
 
 The prediction counts the weights, the per-layer K/V cache (one row of blocks along the shorter
-side plus the blocks in flight), the activations of one network call and the sampler's canvases.
+side), the activations of one network call and the sampler's canvases.
 The activation factor was calibrated with benchmarks/bench_uniba.py (which prints the planner's
 error next to the measured peak).
 """
@@ -17,12 +17,12 @@ from .config import InfDiTConfig
 from .model import InfDiT
 
 # Hidden-sized tensors ([blocks, tokens, width]) alive at the peak of one layer's forward: the
-# 4-slot keys and values are gathered, offset and laid out for attention (about 4 copies of 4),
-# next to q, k, v, the residual stream and the attention output.
-ACTIVATION_FACTOR = 30
-# Float32 canvases [B, 3, H, W] the sampler holds at once: x, noise, concat LR, the estimate,
-# the new estimate, derivatives and the Euler point.
-CANVASES = 8
+# 4-slot keys and values gathered, offset and laid out for attention, next to q, k, v, the residual
+# stream and the attention output. Measured: 21-22 (benchmarks/bench_uniba.py, CPU fp32).
+ACTIVATION_FACTOR = 22
+# Float32 canvases [B, 3, H, W] the sampler holds at once in a Heun step: x, the concat LR, the
+# previous estimate, the derivative, the Euler point, the new estimate and a temporary.
+CANVASES = 7
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ def plan(config: InfDiTConfig, H: int, W: int, block_batch: int, dtype: torch.dt
     blocks = batch * rows * cols
     m = max(1, min(block_batch, blocks))
     block_bytes = config.block_tokens ** 2 * config.hidden_size * e
-    cached = 0 if m >= blocks else config.num_layers * 2 * (min(rows, cols) + m) * block_bytes
+    # The store peaks at one row (along the shorter side) plus one block; the fresh K/V of the blocks
+    # in flight are already counted with the activations.
+    cached = 0 if m >= blocks else config.num_layers * 2 * (min(rows, cols) + 1) * block_bytes
     return MemoryPlan(
         weights=parameter_count(config) * e,
         kv_cache=cached,

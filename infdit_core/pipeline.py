@@ -79,6 +79,7 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
         state["step"] = i
 
     x = initial_state(concat_lr.to(model.device), noise.to(model.device), sigmas[0], lr_noise_init)
+    del noise  # one canvas less for the whole run
     return sample_heun(resilient, x, sigmas, on_step=on_step)
 
 
@@ -92,6 +93,11 @@ def chain_factors(scale: float, max_factor: float = MAX_FACTOR) -> list[float]:
         factors.append(max_factor)
         scale /= max_factor
     return factors + [scale]
+
+
+def output_size(h: int, w: int, scale: float) -> tuple[int, int]:
+    """The exact output size of `upscale`: round(h * scale) x round(w * scale)."""
+    return round(h * scale), round(w * scale)
 
 
 def _resize(image, size):
@@ -150,7 +156,7 @@ def upscale(model: InfDiT, image: torch.Tensor, *, scale: float = 4.0, clip_vect
     done = 1.0
     for factor in chain_factors(scale):
         done *= factor
-        out_hw = (round(h * done), round(w * done))
+        out_hw = output_size(h, w, done)
         rgb = _upscale_rgb(model, rgb.float(), out_hw, clip_vector=clip_vector, steps=steps, seed=seed,
                            lr_noise_init=lr_noise_init, block_batch=block_batch, callback=callback)
     out_hw = tuple(rgb.shape[-2:])

@@ -8,18 +8,13 @@ import torch
 
 from ..infdit_core import plan, upscale
 from ..infdit_core.memory import is_out_of_memory
-from ..infdit_core.pipeline import MAX_FACTOR, OutOfMemory
+from ..infdit_core.pipeline import MAX_FACTOR, OutOfMemory, output_size
 from ..infdit_core.sampling import DEFAULT_STEPS
 from . import comfy_bridge as bridge
 from .embed import image_embedding
 from .loaders import CATEGORY, InfDiTModel
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-
-
-def _output_size(image: torch.Tensor, scale: float) -> tuple[int, int]:
-    # infdit_core.upscale's documented output size for a single pass (scale <= 4).
-    return round(image.shape[1] * scale), round(image.shape[2] * scale)
 
 
 def _check_scale(scale) -> str | None:
@@ -62,7 +57,7 @@ def run_upscale(model: InfDiTModel, image: torch.Tensor, scale: float = 4.0, ste
     if problem:
         raise ValueError(problem)
     clip_vector = _embedding_for(image, embed, clip)
-    out_hw = _output_size(image, scale)
+    out_hw = output_size(image.shape[1], image.shape[2], scale)
     network = model.model
     # What the run needs beyond the weights; auto asks for the fastest sweep (all blocks at once,
     # plan caps the batch at the block count) so other models are evicted before ours is loaded.

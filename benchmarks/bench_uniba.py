@@ -1,0 +1,135 @@
+"""Block sweep vs whole image: time and peak memory of one denoiser call, and the planner's error.
+
+    python benchmarks/bench_uniba.py [--sizes 256x256,512x512,...] [--device cpu|cuda]
+
+A small random model with the official geometry (patch 4, 128-px blocks, head dim 80) and a few
+layers. Everything is measured in this one run and printed as ratios to the whole-image call:
+- time: one denoiser call (a warm-up call first);
+- memory: peak during one denoiser call above what was held just before it (model and inputs);
+- planner: peak of a two-step `sample` (three network calls) above the steady state after loading the model, next to
+  `plan(...).working` for the same block batch.
+On CPU, memory is the process's peak RSS (reset through /proc/self/clear_refs); the script re-runs
+itself with a fixed malloc mmap threshold so freed tensors really leave the RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from infdit_core import BlockSweepDenoiser, InfDiT, InfDiTConfig, plan, sample  # noqa: E402
+from infdit_core.memory import resolve_block_batch  # noqa: E402
+
+CONFIG = InfDiTConfig(num_layers=4, hidden_size=160, num_heads=2, patch_size=4, block_size=128, image_size=512)
+DEFAULT_SIZES = "256x256,512x512,1024x512,2048x512,1024x1024,512x2048"
+
+
+class PeakMemory:
+    """Peak bytes above the level at `start()`: CUDA allocator stats, or RSS on Linux."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    @staticmethod
+    def _status(field):
+        with open("/proc/self/status") as f:
+            return int(re.search(field + r":\s+(\d+)", f.read()).group(1)) * 1024
+
+    def start(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self.base = self._status("VmRSS")
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return self._status("VmHWM") - self.base
+
+
+def inputs(B, H, W, device):
+    g = torch.Generator().manual_seed(0)
+    return dict(concat_lr=(torch.rand(B, 3, H, W, generator=g) * 2 - 1).to(device),
+                lr=(torch.rand(B, 3, H // 4, W // 4, generator=g) * 2 - 1).to(device),
+                clip_vector=torch.nn.functional.normalize(torch.randn(B, 768, generator=g), dim=-1).to(device))
+
+
+def denoiser_call(model, inp, block_batch, meter):
+    x = inp["concat_lr"] + torch.randn_like(inp["concat_lr"])
+    denoiser = BlockSweepDenoiser(model, block_batch=block_batch, **inp)
+    meter.start()
+    start = time.perf_counter()
+    denoiser(x, 2.0)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, meter.peak()
+
+
+def sampler_peak(model, H, W, block_batch, meter, device):
+    meter.start()  # steady state: model loaded, nothing else
+    inp = inputs(1, H, W, device)
+    sample(model, steps=2, seed=0, block_batch=block_batch, **inp)  # Heun step + final Euler
+    return meter.peak()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="HxW list, comma separated")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    model = InfDiT(CONFIG).to(device, dtype).eval()
+    meter = PeakMemory(device)
+    denoiser_call(model, inputs(1, 256, 256, device), 4, meter)  # warm-up
+
+    print(f"model: {CONFIG.num_layers} layers, width {CONFIG.hidden_size}, head dim {CONFIG.head_dim}, "
+          f"{CONFIG.block_size}-px blocks; device {device}, {args.dtype}, {torch.get_num_threads()} threads")
+    print("memory = peak during one denoiser call above the memory held before it; "
+          "planner = two-step sample() peak vs plan().working\n")
+    header = f"{'output':>10} {'blocks':>6} {'mode':>12} {'time s':>7} {'time x':>7} {'mem MB':>8} {'mem x':>6} " \
+             f"{'plan MB':>8} {'sample MB':>9} {'plan err':>8}"
+    print(header)
+    print("-" * len(header))
+    sweep_memory = {}
+    for size in args.sizes.split(","):
+        H, W = map(int, size.split("x"))
+        blocks = (H // CONFIG.block_size) * (W // CONFIG.block_size)
+        inp = inputs(1, H, W, device)
+        whole_time, whole_mem = denoiser_call(model, inp, blocks, meter)
+        modes = [("whole image", blocks)] + [(f"sweep bb={b}", b) for b in (1, 2, 4) if b < blocks]
+        auto = resolve_block_batch("auto", CONFIG, H, W, dtype, device)
+        modes.append((f"auto ={auto}", auto))
+        for name, bb in modes:
+            t, mem = (whole_time, whole_mem) if bb == blocks else denoiser_call(model, inp, bb, meter)
+            predicted = plan(CONFIG, H, W, bb, dtype).working
+            measured = sampler_peak(model, H, W, bb, meter, device)
+            print(f"{size:>10} {blocks:>6} {name:>12} {t:7.2f} {t / whole_time:7.2f} {mem / 2**20:8.1f} "
+                  f"{mem / whole_mem:6.2f} {predicted / 2**20:8.1f} {measured / 2**20:9.1f} "
+                  f"{predicted / measured - 1:+8.0%}")
+            if bb == 1:
+                sweep_memory[(H, W)] = mem
+        print()
+    for (H, W), mem in sweep_memory.items():
+        if (2 * H, W) in sweep_memory:
+            print(f"O(N) check: sweep bb=1 memory {2 * H}x{W} / {H}x{W} = {sweep_memory[(2 * H, W)] / mem:.2f}")
+
+
+if __name__ == "__main__":
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # Large tensors then live in their own mappings, returned to the OS when freed.
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+    main()
