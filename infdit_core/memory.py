@@ -74,7 +74,8 @@ def free_memory(device: Union[str, torch.device]) -> int:
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free
+        # Blocks torch's caching allocator holds but does not use are free for us too.
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     with open("/proc/meminfo") as f:  # Linux; elsewhere assume a modest 8 GB
         info = dict(line.split(":", 1) for line in f)
     return int(info["MemAvailable"].split()[0]) * 1024 if "MemAvailable" in info else 8 << 30

@@ -1,0 +1,74 @@
+"""Inf-DiT Memory Plan: the planner's prediction for an upscale, before running it."""
+from __future__ import annotations
+
+import math
+
+from ..infdit_core import plan
+from ..infdit_core.memory import free_memory, resolve_block_batch
+from ..infdit_core.pipeline import MAX_FACTOR, output_size
+from ..infdit_core.sampling import DEFAULT_STEPS, network_calls
+from .loaders import CATEGORY, InfDiTModel
+
+GB = 2 ** 30
+
+
+def memory_report(model: InfDiTModel, width: int, height: int, scale: float, block_batch: int = 0,
+                  batch: int = 1, steps: int = DEFAULT_STEPS) -> str:
+    """Text report of predicted memory (and work) for upscaling a width x height batch by `scale`."""
+    config, network = model.model.config, model.model
+    out_h, out_w = output_size(height, width, scale)
+    device = model.managed.load_device
+    chosen = block_batch if block_batch > 0 else resolve_block_batch(
+        "auto", config, out_h, out_w, network.dtype, device, batch)
+    p = plan(config, out_h, out_w, chosen, network.dtype, batch)
+    blocks = batch * math.ceil(out_h / config.block_size) * math.ceil(out_w / config.block_size)
+    calls = network_calls(steps) * math.ceil(blocks / p.block_batch)
+    lines = [
+        f"{width}x{height} -> {out_w}x{out_h} (x{scale:g}), batch {batch}, {str(network.dtype).replace('torch.', '')}",
+        f"blocks {blocks}, block batch {p.block_batch}{' (auto)' if block_batch <= 0 else ''}, "
+        f"{calls} network calls for {steps} steps",
+        f"weights {p.weights / GB:.2f} GB + K/V cache {p.kv_cache / GB:.2f} GB + activations "
+        f"{p.activations / GB:.2f} GB + canvases {p.canvases / GB:.2f} GB",
+        f"predicted peak {p.total / GB:.2f} GB (free now on {device}: {free_memory(device) / GB:.1f} GB)",
+    ]
+    return "\n".join(lines)
+
+
+class InfDiTMemoryPlan:
+    DESCRIPTION = ("Predicts the memory an Inf-DiT UniBA Upscale will need for a size, and the block batch 'auto' "
+                   "would pick, without running it. Connect the STRING output to a text display node.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    OUTPUT_TOOLTIPS = ("The prediction as text.",)
+    OUTPUT_NODE = True
+    FUNCTION = "report"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        size = {"default": 1024, "min": 1, "max": 32768, "step": 1}
+        return {
+            "required": {
+                "model": ("INFDIT_MODEL", {"tooltip": "From Load Inf-DiT Model (its dtype sets the memory)."}),
+                "width": ("INT", dict(size, tooltip="Input width in pixels (ignored when image is connected).")),
+                "height": ("INT", dict(size, tooltip="Input height in pixels (ignored when image is connected).")),
+                "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": MAX_FACTOR, "step": 0.05,
+                                    "tooltip": "Upscale factor of the planned run."}),
+                "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 200,
+                                  "tooltip": "Sampler steps of the planned run (sets the number of network calls)."}),
+                "block_batch": ("INT", {"default": 0, "min": 0, "max": 4096,
+                                        "tooltip": "Blocks per network call; 0 = what auto would pick now."}),
+            },
+            "optional": {"image": ("IMAGE", {"tooltip": "Plan for this image batch instead of width x height."})},
+        }
+
+    def report(self, model, width, height, scale, steps, block_batch, image=None):
+        batch = 1
+        if image is not None:
+            batch, height, width = image.shape[0], image.shape[1], image.shape[2]
+        text = memory_report(model, width, height, scale, block_batch, batch, steps)
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+NODE_CLASS_MAPPINGS = {"InfDiTMemoryPlan": InfDiTMemoryPlan}
+NODE_DISPLAY_NAME_MAPPINGS = {"InfDiTMemoryPlan": "Inf-DiT Memory Plan"}
