@@ -7,6 +7,7 @@ error next to the measured peak).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -43,6 +44,7 @@ class MemoryPlan:
         return self.total - self.weights
 
 
+@functools.lru_cache(maxsize=None)
 def parameter_count(config: InfDiTConfig) -> int:
     with torch.device("meta"):  # shapes only, no memory
         return sum(p.numel() for p in InfDiT(config).parameters())
@@ -86,12 +88,17 @@ def choose_block_batch(config: InfDiTConfig, H: int, W: int, dtype: torch.dtype,
     """Largest block batch whose working memory (weights already loaded) fits `budget` bytes."""
     s = config.block_size
     blocks = batch * math.ceil(H / s) * math.ceil(W / s)
-    best = 1
-    for m in range(1, blocks + 1):
-        if plan(config, H, W, m, dtype, batch).working > budget:
-            break
-        best = m
-    return best
+    if plan(config, H, W, blocks, dtype, batch).working <= budget:
+        return blocks  # the whole image at once needs no K/V cache
+    # Below the whole image, working memory grows with the block batch: bisect.
+    low, high = 1, max(1, blocks - 1)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if plan(config, H, W, mid, dtype, batch).working <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 def resolve_block_batch(block_batch: Union[int, str], config: InfDiTConfig, H: int, W: int,

@@ -231,3 +231,5 @@ def test_planner_and_auto_block_batch(model):
     budget = plan(config, 512, 512, 7, torch.float32).working
     assert choose_block_batch(config, 512, 512, torch.float32, budget) == 7
     assert choose_block_batch(config, 512, 512, torch.float32, 0) == 1
+    everything = plan(config, 512, 512, 256, torch.float32).working  # 16x16 blocks of 32 px, no cache
+    assert choose_block_batch(config, 512, 512, torch.float32, everything) == 256
