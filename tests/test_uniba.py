@@ -200,25 +200,25 @@ def test_out_of_memory_halves_block_batch_and_gives_same_pixels(model):
     assert rel_l2(out, reference) <= 1e-5
 
 
+def one_step(model, seed, block_batch):
+    inp = random_inputs(1, 1, 2, seed=seed)
+    return sample(model, lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=1,
+                  block_batch=block_batch)
+
+
 def test_cpu_allocator_failure_is_treated_as_out_of_memory(model):
-    inp = random_inputs(1, 1, 2, seed=15)
     with FlakyAllocator(model, limit=1, error=RuntimeError), pytest.warns(UserWarning):
-        sample(model, lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=1,
-               block_batch=2)
+        one_step(model, 15, block_batch=2)
 
 
 def test_out_of_memory_at_one_block_says_what_to_do(model):
-    inp = random_inputs(1, 1, 2, seed=16)
     with FlakyAllocator(model, limit=0), pytest.raises(OutOfMemory, match="Lower the output size"):
-        sample(model, lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=1,
-               block_batch=1)
+        one_step(model, 16, block_batch=1)
 
 
 def test_other_errors_are_not_retried(model):
-    inp = random_inputs(1, 1, 2, seed=17)
     with FlakyAllocator(model, limit=0, error=ValueError), pytest.raises(ValueError):
-        sample(model, lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=1,
-               block_batch=2)
+        one_step(model, 17, block_batch=2)
 
 
 def test_planner_and_auto_block_batch(model):
