@@ -178,7 +178,8 @@ class FlakyAllocator:
         def forward_blocks(inputs, cond, neighbours):
             if inputs.z.shape[0] > self.limit:
                 self.failures += 1
-                raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+                raise self.error("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2147483648 bytes"
+                                 if self.error is RuntimeError else "CUDA out of memory. Tried to allocate 2.00 GiB")
             return self.original(inputs, cond, neighbours)
         self.model.forward_blocks = forward_blocks
         return self
