@@ -7,3 +7,9 @@ from .checkpoint import CheckpointError, convert, load_model
 from .memory import MemoryPlan, choose_block_batch, plan
 from .pipeline import chain_factors, sample, upscale
 from .sampling import karras_sigmas
+
+__all__ = [
+    "BlockSweepDenoiser", "CheckpointError", "ClipEmbedder", "InfDiT", "InfDiTConfig", "MemoryPlan",
+    "chain_factors", "choose_block_batch", "convert", "denoise", "karras_sigmas", "load_clip",
+    "load_model", "plan", "sample", "upscale",
+]

@@ -100,8 +100,6 @@ def denoise(model: InfDiT, x, sigma, *, lr, concat_lr, clip_vector) -> torch.Ten
 
     x, concat_lr: [B, 3, H, W] in [-1, 1], H and W multiples of the block size; lr: [B, 3, H/4, W/4];
     sigma: [B] or a scalar; clip_vector: [B, vector_dim]. Returns [B, 3, H, W] float32."""
-    B, _, H, W = x.shape
-    s = model.config.block_size
-    denoiser = BlockSweepDenoiser(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector,
-                                  block_batch=B * max(1, H // s) * max(1, W // s))
+    denoiser = BlockSweepDenoiser(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector)
+    denoiser.block_batch = denoiser.num_blocks
     return denoiser(x, sigma)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -33,6 +34,7 @@ class MemoryPlan:
     activations: int
     canvases: int
     block_batch: int
+    blocks: int  # blocks in the whole batch
 
     @property
     def total(self) -> int:
@@ -68,6 +70,7 @@ def plan(config: InfDiTConfig, H: int, W: int, block_batch: int, dtype: torch.dt
         activations=ACTIVATION_FACTOR * m * block_bytes,
         canvases=CANVASES * batch * 3 * rows * s * cols * s * 4,
         block_batch=m,
+        blocks=blocks,
     )
 
 
@@ -86,12 +89,11 @@ def free_memory(device: Union[str, torch.device]) -> int:
 def choose_block_batch(config: InfDiTConfig, H: int, W: int, dtype: torch.dtype, budget: int,
                        batch: int = 1) -> int:
     """Largest block batch whose working memory (weights already loaded) fits `budget` bytes."""
-    s = config.block_size
-    blocks = batch * math.ceil(H / s) * math.ceil(W / s)
-    if plan(config, H, W, blocks, dtype, batch).working <= budget:
-        return blocks  # the whole image at once needs no K/V cache
+    whole = plan(config, H, W, sys.maxsize, dtype, batch)
+    if whole.working <= budget:
+        return whole.blocks  # the whole image at once needs no K/V cache
     # Below the whole image, working memory grows with the block batch: bisect.
-    low, high = 1, max(1, blocks - 1)
+    low, high = 1, max(1, whole.blocks - 1)
     while low < high:
         mid = (low + high + 1) // 2
         if plan(config, H, W, mid, dtype, batch).working <= budget:

@@ -21,11 +21,10 @@ def memory_report(model: InfDiTModel, width: int, height: int, scale: float, blo
     chosen = block_batch if block_batch > 0 else resolve_block_batch(
         "auto", config, out_h, out_w, network.dtype, device, batch)
     p = plan(config, out_h, out_w, chosen, network.dtype, batch)
-    blocks = batch * math.ceil(out_h / config.block_size) * math.ceil(out_w / config.block_size)
-    calls = network_calls(steps) * math.ceil(blocks / p.block_batch)
+    calls = network_calls(steps) * math.ceil(p.blocks / p.block_batch)
     lines = [
         f"{width}x{height} -> {out_w}x{out_h} (x{scale:g}), batch {batch}, {str(network.dtype).replace('torch.', '')}",
-        f"blocks {blocks}, block batch {p.block_batch}{' (auto)' if block_batch <= 0 else ''}, "
+        f"blocks {p.blocks}, block batch {p.block_batch}{' (auto)' if block_batch <= 0 else ''}, "
         f"{calls} network calls for {steps} steps",
         f"weights {p.weights / GB:.2f} GB + K/V cache {p.kv_cache / GB:.2f} GB + activations "
         f"{p.activations / GB:.2f} GB + canvases {p.canvases / GB:.2f} GB",

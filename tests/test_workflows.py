@@ -4,7 +4,6 @@ Core node definitions below are those of ComfyUI v0.3.64 (checked against its /o
 combo option lists are trimmed to a few real entries.
 """
 import json
-import pathlib
 import shutil
 
 import pytest
