@@ -142,7 +142,7 @@ def upscale(model: InfDiT, image: torch.Tensor, *, scale: float = 4.0, clip_vect
     """Upscale `image` [B, C, h, w] in [0, 1] (C = 1, 3 or 4) to [B, C, round(h*scale), round(w*scale)].
 
     Scales above 4 run as a chain of passes (`chain_factors`). Alpha is resized bicubically on its
-    own; grayscale runs as RGB and is averaged back. `clip_vector` [B, vector_dim] is the semantic
+    own; grayscale (one channel, or three equal ones) runs as RGB and is averaged back. `clip_vector` [B, vector_dim] is the semantic
     embedding of the input (see clip.py); without one a zero vector is used, with a warning."""
     B, C, h, w = image.shape
     if C not in (1, 3, 4):
@@ -153,6 +153,9 @@ def upscale(model: InfDiT, image: torch.Tensor, *, scale: float = 4.0, clip_vect
         clip_vector = torch.zeros(B, model.config.vector_dim)
     rgb = image[:, :3] if C != 1 else image.expand(B, 3, h, w)
     alpha = image[:, 3:] if C == 4 else None
+    # A grayscale picture stored as RGB (ComfyUI's Load Image does this) must come back gray: the
+    # model adds chroma of its own, so equal input channels are averaged back to equal outputs.
+    gray = C == 1 or bool((rgb == rgb[:, :1]).all())
     done = 1.0
     for factor in chain_factors(scale):
         done *= factor
@@ -160,8 +163,11 @@ def upscale(model: InfDiT, image: torch.Tensor, *, scale: float = 4.0, clip_vect
         rgb = _upscale_rgb(model, rgb.float(), out_hw, clip_vector=clip_vector, steps=steps, seed=seed,
                            lr_noise_init=lr_noise_init, block_batch=block_batch, callback=callback)
     out_hw = tuple(rgb.shape[-2:])
-    if C == 1:
-        return rgb.mean(dim=1, keepdim=True)
+    if gray:
+        rgb = rgb.mean(dim=1, keepdim=True)
+        if C == 1:
+            return rgb
+        rgb = rgb.expand(-1, 3, -1, -1).contiguous()
     if alpha is not None:
         rgb = torch.cat([rgb, _resize(alpha.float().to(rgb.device), out_hw).clamp(0, 1)], dim=1)
     return rgb
