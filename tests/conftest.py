@@ -3,14 +3,23 @@ import pathlib
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-GOLDEN = SHARED / "golden"
+DATA = REPO / "tests" / "data"  # test data shipped with the repository (tests/data/README.md); nothing else is read
+GOLDEN = DATA / "golden"
+GOLDEN_FULL = DATA / "golden_full"
 
 
 @pytest.fixture(scope="session")
 def golden_dir():
-    assert GOLDEN.is_dir(), f"golden vectors not found at {GOLDEN}: ../shared must sit beside the repo"
+    """Outputs of the official code with a tiny configuration (tests/data/golden/README.md)."""
+    assert GOLDEN.is_dir(), f"golden vectors not found at {GOLDEN} (they ship with the repository)"
     return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden_full_dir():
+    """Outputs of the official code at the released geometry (tests/data/golden_full/README.md)."""
+    assert GOLDEN_FULL.is_dir(), f"golden vectors not found at {GOLDEN_FULL} (they ship with the repository)"
+    return GOLDEN_FULL
 
 
 # --- ComfyUI node pack under test (tests/test_nodes.py, tests/test_workflows.py) -----------------

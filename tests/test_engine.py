@@ -1,4 +1,4 @@
-"""The denoiser against outputs of the official code (../shared/golden), key layout, config inference."""
+"""The denoiser against outputs of the official code (tests/data/golden), key layout, config inference."""
 import ast
 import json
 import pathlib
