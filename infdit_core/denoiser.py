@@ -5,18 +5,33 @@ itself runs in the model's dtype.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Protocol, Union
 
 import torch
 
 from .config import SR_SCALE
 from .model import InfDiT
-from .uniba import BlockCanvas, KVCache, chunks, sweep_order
+from .offload import Placement
+from .strips import Block, StripSchedule
+from .uniba import BlockCanvas, KVCache, chunks
 
 SIGMA_DATA = 0.5
 
 # Called after each network call: (blocks_done, blocks_total, denoised canvas filled so far).
 BlockHook = Callable[[int, int, torch.Tensor], None]
+
+
+class NeighbourExchange(Protocol):
+    """Moves the K/V of strip-edge blocks between ranks (see distributed.py)."""
+
+    def begin_sweep(self) -> None:
+        """A new network call (a sweep over the strip) starts."""
+
+    def receive(self, cache: KVCache, blocks: list[Block]) -> None:
+        """Put into `cache` every block of the previous rank that `blocks` read."""
+
+    def send(self, packed: list[tuple[Block, torch.Tensor]]) -> None:
+        """Hand the K/V of this rank's edge blocks to the next rank."""
 
 
 def edm_precondition(sigma: torch.Tensor):
@@ -46,20 +61,26 @@ def check_inputs(model: InfDiT, lr, concat_lr, clip_vector):
 
 class BlockSweepDenoiser:
     """D(x; sigma) computed `block_batch` blocks per network call, holding K/V for about one
-    block row. With block_batch >= the number of blocks it is the whole-image forward."""
+    line of blocks. With block_batch >= the number of blocks it is the whole-image forward.
+
+    Inputs are whole-image tensors; x and the result are the canvases of the schedule's strip
+    (the whole image unless the work is split over ranks), on the placement's canvas device."""
 
     def __init__(self, model: InfDiT, *, lr, concat_lr, clip_vector, block_batch: int = 1,
-                 on_blocks: Optional[BlockHook] = None):
+                 on_blocks: Optional[BlockHook] = None, schedule: Optional[StripSchedule] = None,
+                 placement: Optional[Placement] = None, exchange: Optional[NeighbourExchange] = None):
         check_inputs(model, lr, concat_lr, clip_vector)
         self.model = model
-        dev = model.device
-        self.canvas = BlockCanvas(model.config, lr.to(dev, torch.float32), concat_lr.to(dev, torch.float32))
-        self.clip_vector = clip_vector.to(dev, torch.float32)
         B, _, H, W = concat_lr.shape
         s = model.config.block_size
-        self.order = sweep_order(B, H // s, W // s)
+        self.schedule = schedule if schedule is not None else StripSchedule(B, H // s, W // s)
+        self.placement = placement if placement is not None else Placement.for_mode("off", model.device)
+        self.canvas = BlockCanvas(model.config, lr, concat_lr, self.schedule, self.placement)
+        self.clip_vector = clip_vector.to(model.device, torch.float32)
+        self.order = self.schedule.order
         self.block_batch = block_batch
         self.on_blocks = on_blocks
+        self.exchange = exchange
         self.last_cache: Optional[KVCache] = None  # kept for inspection (tests, benchmarks)
         # Blocks not yet denoised in the current call show the previous estimate (at first the
         # upsampled LR), so a preview of the canvas fills in block by block.
@@ -71,23 +92,33 @@ class BlockSweepDenoiser:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: Union[torch.Tensor, float]) -> torch.Tensor:
-        model = self.model
+        model, placement = self.model, self.placement
         if x.shape != self.canvas.concat_lr.shape:
             raise ValueError(f"x {tuple(x.shape)} must have the shape of concat_lr {tuple(self.canvas.concat_lr.shape)}")
-        x = x.to(model.device, torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
-        c_skip, c_out, c_in, c_noise = edm_precondition(sigma)
-        cond = model.conditioning(c_noise, self.clip_vector)
+        x = x.to(placement.canvas, torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=model.device).expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = (c[:, None, None, None] for c in edm_precondition(sigma))
+        cond = model.conditioning(c_noise.flatten(), self.clip_vector)
         batch = max(1, min(self.block_batch, self.num_blocks))
-        cache = self.last_cache = KVCache(self.order, batch, model.config.num_layers)
+        cache = self.last_cache = KVCache(self.order, batch, model.config.num_layers, placement=placement,
+                                          outgoing=self.schedule.outgoing)
+        if self.exchange is not None:
+            self.exchange.begin_sweep()
         out = self._estimate.clone()
         done = 0
         for blocks in chunks(self.order, batch):
+            if self.exchange is not None:
+                self.exchange.receive(cache, blocks)
             cache.begin_call(blocks)
-            net = model.forward_blocks(self.canvas.inputs(blocks, x, c_in), cond, cache).float()
+            inputs = self.canvas.inputs(blocks, x)
+            raw, image = inputs.z, inputs.batch_index
+            # Official quirk (8.1-3): c_in scales the LR concat channels as well as the noisy image.
+            net = model.forward_blocks(inputs._replace(z=raw * c_in[image]), cond, cache).float()
+            denoised = placement.to_canvas(c_skip[image] * raw[:, :3] + c_out[image] * net)
             for m, blk in enumerate(blocks):
-                self.canvas.pixels(out, blk).copy_(
-                    c_skip[blk.b] * self.canvas.pixels(x, blk) + c_out[blk.b] * net[m])
+                self.canvas.pixels(out, blk).copy_(denoised[m])
+            if self.exchange is not None:
+                self.exchange.send(cache.take_outbox())
             done += len(blocks)
             if self.on_blocks is not None:
                 self.on_blocks(done, self.num_blocks, out)

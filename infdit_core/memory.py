@@ -1,13 +1,16 @@
-"""Predicted peak memory of a block sweep, the block-batch chooser, and out-of-memory detection.
+"""Predicted peak memory of a block sweep, the block-batch and placement chooser, and out-of-memory
+detection.
 
-The prediction counts the weights, the per-layer K/V cache (one row of blocks along the shorter
-side), the activations of one network call and the sampler's canvases.
-The activation factor was calibrated with benchmarks/bench_uniba.py (which prints the planner's
-error next to the measured peak).
+The prediction counts the weights, the per-layer K/V cache (one line of blocks along the shorter
+side of the rank's strip), the activations of one network call, the sampler's canvases and, across
+ranks, the K/V messages at strip edges; each on the compute device or in host memory as the
+placement (offload.py) puts it. The activation factor was calibrated with benchmarks/bench_uniba.py
+(which prints the planner's error next to the measured peak).
 """
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -17,6 +20,9 @@ import torch
 
 from .config import InfDiTConfig
 from .model import InfDiT
+from .offload import HOST, MODES, Placement
+
+log = logging.getLogger("infdit")
 
 # Hidden-sized tensors ([blocks, tokens, width]) alive at the peak of one layer's forward: the
 # 4-slot keys and values gathered, offset and laid out for attention, next to q, k, v, the residual
@@ -25,25 +31,40 @@ ACTIVATION_FACTOR = 22
 # Float32 canvases [B, 3, H, W] the sampler holds at once in a Heun step: x, the concat LR, the
 # previous estimate, the derivative, the Euler point, the new estimate and a temporary.
 CANVASES = 7
+# K/V messages a rank has in flight at a strip edge: sends not yet received (distributed.MAX_PENDING
+# plus the call's outbox) and the receives posted ahead (distributed.RECEIVES_AHEAD).
+EDGE_BUFFERS = 5
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
+    """Predicted peak bytes of one rank's sweep: on the compute device and in host memory."""
     weights: int
-    kv_cache: int
+    kv_cache: int  # cached K/V on the device
     activations: int
-    canvases: int
+    canvases: int  # sampler canvases on the device
     block_batch: int
-    blocks: int  # blocks in the whole batch
+    blocks: int  # blocks this rank sweeps (the whole batch for one rank)
+    boundary: int = 0  # K/V messages at strip edges (world > 1)
+    kv_host: int = 0  # spilled K/V in host memory
+    canvases_host: int = 0  # sampler canvases in host memory
+    world: int = 1
+    offload: str = "off"
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations + self.canvases
+        """Device bytes at the peak."""
+        return self.weights + self.kv_cache + self.activations + self.canvases + self.boundary
 
     @property
     def working(self) -> int:
-        """What a run needs beyond the loaded weights."""
+        """What a run needs on the device beyond the loaded weights."""
         return self.total - self.weights
+
+    @property
+    def host(self) -> int:
+        """Host bytes the placement adds (spilled K/V and canvases)."""
+        return self.kv_host + self.canvases_host
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,25 +73,50 @@ def parameter_count(config: InfDiTConfig) -> int:
         return sum(p.numel() for p in InfDiT(config).parameters())
 
 
+def block_kv_bytes(config: InfDiTConfig, dtype: torch.dtype) -> int:
+    """K and V of every layer for one block."""
+    e = torch.empty((), dtype=dtype).element_size()
+    return config.num_layers * 2 * config.block_tokens ** 2 * config.hidden_size * e
+
+
 def plan(config: InfDiTConfig, H: int, W: int, block_batch: int, dtype: torch.dtype = torch.bfloat16,
-         batch: int = 1) -> MemoryPlan:
-    """Predicted peak bytes of sampling an H x W (padded to the block grid) output."""
+         batch: int = 1, world: int = 1, offload: str = "off", kv_device_slots: int = 0) -> MemoryPlan:
+    """Predicted peak bytes of sampling an H x W (padded to the block grid) output, per rank of
+    `world` (the largest strip), with the placement `offload` (off, canvas or all; see offload.py)."""
+    if offload not in ("off", "canvas", "all"):
+        raise ValueError(f"plan() takes offload off, canvas or all, got {offload!r}")
     e = torch.empty((), dtype=dtype).element_size()
     s = config.block_size
     rows, cols = math.ceil(H / s), math.ceil(W / s)
-    blocks = batch * rows * cols
+    short, long = min(rows, cols), max(rows, cols)
+    strip = math.ceil(short / min(world, short))  # the first strips take the remainder
+    blocks = batch * long * strip
     m = max(1, min(block_batch, blocks))
     block_bytes = config.block_tokens ** 2 * config.hidden_size * e
-    # The store peaks at one row (along the shorter side) plus one block; the fresh K/V of the blocks
-    # in flight are already counted with the activations.
-    cached = 0 if m >= blocks else config.num_layers * 2 * (min(rows, cols) + 1) * block_bytes
+    kv_block = block_kv_bytes(config, dtype)
+    # The store peaks at one line of the strip plus one block (plus the edge block received from
+    # the previous rank); the fresh K/V of the blocks in flight are counted with the activations.
+    cached = 0 if m >= blocks and world == 1 else (strip + 1 + (world > 1)) * kv_block
+    kv_device = cached
+    if offload == "all":
+        # The next call's neighbours (the call's blocks plus one) and the extra slots stay on the
+        # device; the rest of the line waits on the host.
+        kv_device = min(cached, (kv_device_slots + m + 1) * kv_block)
+    canvas_bytes = CANVASES * batch * 3 * long * s * strip * s * 4
+    # Block inputs and outputs staged for one call when the canvases live on the host.
+    staging = m * (6 + 3 + 3) * s * s * 4 if offload != "off" else 0
     return MemoryPlan(
         weights=parameter_count(config) * e,
-        kv_cache=cached,
-        activations=ACTIVATION_FACTOR * m * block_bytes,
-        canvases=CANVASES * batch * 3 * rows * s * cols * s * 4,
+        kv_cache=kv_device,
+        activations=ACTIVATION_FACTOR * m * block_bytes + staging,
+        canvases=canvas_bytes if offload == "off" else 0,
         block_batch=m,
         blocks=blocks,
+        boundary=EDGE_BUFFERS * kv_block if world > 1 else 0,
+        kv_host=cached - kv_device,
+        canvases_host=canvas_bytes if offload != "off" else 0,
+        world=world,
+        offload=offload,
     )
 
 
@@ -87,32 +133,73 @@ def free_memory(device: Union[str, torch.device]) -> int:
 
 
 def choose_block_batch(config: InfDiTConfig, H: int, W: int, dtype: torch.dtype, budget: int,
-                       batch: int = 1) -> int:
+                       batch: int = 1, world: int = 1, offload: str = "off", kv_device_slots: int = 0) -> int:
     """Largest block batch whose working memory (weights already loaded) fits `budget` bytes."""
-    whole = plan(config, H, W, sys.maxsize, dtype, batch)
+    def working(m):
+        return plan(config, H, W, m, dtype, batch, world, offload, kv_device_slots).working
+
+    whole = plan(config, H, W, sys.maxsize, dtype, batch, world, offload, kv_device_slots)
     if whole.working <= budget:
         return whole.blocks  # the whole image at once needs no K/V cache
     # Below the whole image, working memory grows with the block batch: bisect.
     low, high = 1, max(1, whole.blocks - 1)
     while low < high:
         mid = (low + high + 1) // 2
-        if plan(config, H, W, mid, dtype, batch).working <= budget:
+        if working(mid) <= budget:
             low = mid
         else:
             high = mid - 1
     return low
 
 
-def resolve_block_batch(block_batch: Union[int, str], config: InfDiTConfig, H: int, W: int,
-                        dtype: torch.dtype, device, batch: int = 1,
-                        budget: Optional[int] = None) -> int:
-    if block_batch == "auto":
-        # Leave headroom for the allocator's fragmentation and for other work on the device.
-        budget = int(0.8 * free_memory(device)) if budget is None else budget
-        return choose_block_batch(config, H, W, dtype, budget, batch)
-    if not isinstance(block_batch, int) or block_batch < 1:
+class HostMemoryError(MemoryError):
+    """The job would exhaust host memory; raised before anything runs."""
+
+
+def resolve_execution(block_batch: Union[int, str], offload: str, config: InfDiTConfig, H: int, W: int,
+                      dtype: torch.dtype, device, batch: int = 1, world: int = 1,
+                      budget: Optional[int] = None, host_budget: Optional[int] = None
+                      ) -> tuple[int, Placement, MemoryPlan]:
+    """The block batch and placement a run uses, and the plan they give.
+
+    offload auto keeps everything on the device when it fits (at block batch 1), otherwise puts the
+    canvases in host memory, otherwise the K/V cache too, keeping as many K/V blocks on the device
+    as fit. A job whose host share exceeds the available host memory is refused up front."""
+    device = torch.device(device)
+    if offload not in MODES:
+        raise ValueError(f"offload must be one of {', '.join(MODES)}, got {offload!r}")
+    if block_batch != "auto" and (not isinstance(block_batch, int) or block_batch < 1):
         raise ValueError(f"block_batch must be 'auto' or a positive integer, got {block_batch!r}")
-    return block_batch
+    if budget is None:
+        # Leave headroom for the allocator's fragmentation and for other work on the device.
+        budget = int(0.8 * free_memory(device))
+    smallest = 1 if block_batch == "auto" else block_batch
+    mode, slots = offload, 0
+    if offload == "auto":
+        if device.type != "cuda":
+            mode = "off"  # the compute device is host memory: nothing to spill to
+        else:
+            mode = next((m for m in ("off", "canvas")
+                         if plan(config, H, W, smallest, dtype, batch, world, m).working <= budget), "all")
+            if mode == "all":
+                spare = budget - plan(config, H, W, smallest, dtype, batch, world, "all").working
+                slots = max(0, spare // block_kv_bytes(config, dtype))
+            log.info("Inf-DiT: offload auto chose '%s' for a %dx%d output (%.2f GB free on %s)%s", mode, W, H,
+                     budget / 1e9, device, f", {slots} K/V blocks kept on the device" if mode == "all" else "")
+    chosen = block_batch if block_batch != "auto" else choose_block_batch(
+        config, H, W, dtype, budget, batch, world, mode, slots)
+    result = plan(config, H, W, chosen, dtype, batch, world, mode, slots)
+    # On a CPU compute device the working set is host memory too.
+    host_need = result.host + (result.working if device.type == "cpu" else 0)
+    host_free = free_memory(HOST) if host_budget is None else host_budget
+    if host_need > host_free:
+        raise HostMemoryError(
+            f"Inf-DiT: a {W}x{H} output needs about {host_need / 1e9:.2f} GB of host memory "
+            f"(canvases {result.canvases_host / 1e9:.2f} GB, spilled K/V {result.kv_host / 1e9:.2f} GB"
+            + (f", working set {result.working / 1e9:.2f} GB" if device.type == "cpu" else "")
+            + f") but {host_free / 1e9:.2f} GB is available. Lower the output size or the batch, or spread "
+            "the image over several machines (torchrun, see the README).")
+    return chosen, Placement.for_mode(mode, device, slots), result
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -5,8 +5,10 @@ back-off; `upscale` prepares the inputs for any size, scale, batch and channel c
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
@@ -14,9 +16,16 @@ import torch.nn.functional as F
 
 from .config import SR_SCALE
 from .denoiser import BlockSweepDenoiser
-from .memory import empty_cache, is_out_of_memory, resolve_block_batch
+from .distributed import (AUTO, StripExchange, broadcast_from_first, cpu_group, gather_strips, resolve_group,
+                          world_and_rank)
+from .memory import empty_cache, is_out_of_memory, resolve_execution
 from .model import InfDiT
-from .sampling import DEFAULT_STEPS, initial_state, karras_sigmas, network_calls, sample_heun, unit_noise
+from .offload import Placement
+from .resume import StateStore, job_key
+from .sampling import DEFAULT_STEPS, initial_state, karras_sigmas, network_calls, sample_heun, strip_noise
+from .strips import StripSchedule
+
+log = logging.getLogger("infdit")
 
 MAX_FACTOR = 4.0
 # callback(step, total_steps, blocks_done, blocks_total, preview): step is the 0-based Heun step,
@@ -26,61 +35,138 @@ ProgressCallback = Callable[[int, int, int, int, torch.Tensor], None]
 
 
 class OutOfMemory(RuntimeError):
-    """Raised when even one block per network call does not fit."""
+    """Raised when even one block per network call, with the K/V cache spilled, does not fit."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where and how often a job's sampler state is checkpointed (see resume.py)."""
+    directory: str
+    interval: float = 60.0  # seconds between saves; 0 = after every step
+    max_bytes: Optional[int] = None  # cap on the folder: the oldest checkpoints are pruned
+
+
+def out_of_memory_advice(placement: Placement) -> str:
+    advice = "Lower the output size or the batch, use weight dtype bf16/fp16, or free the device (close other models)"
+    if placement.mode != "all":
+        advice += ", or keep the canvases and the K/V cache in host memory (offload all)"
+    return advice + "."
 
 
 class _BackoffDenoiser:
-    """Retries a denoiser call that ran out of memory with half the block batch."""
+    """Retries a denoiser call that ran out of memory with half the block batch, then with the
+    K/V cache spilled to host memory. Only in one process: ranks of a distributed job cannot redo
+    a call alone (its K/V messages are already on their way), so there an out-of-memory is fatal."""
 
-    def __init__(self, denoiser: BlockSweepDenoiser):
+    def __init__(self, denoiser: BlockSweepDenoiser, retry: bool = True):
         self.denoiser = denoiser
+        self.retry = retry
         self.calls_done = 0
 
     def __call__(self, x, sigma):
+        denoiser = self.denoiser
         while True:
             try:
-                out = self.denoiser(x, sigma)
+                out = denoiser(x, sigma)
                 self.calls_done += 1
                 return out
             except Exception as error:  # noqa: BLE001 - only out-of-memory errors are retried
                 if not is_out_of_memory(error):
                     raise
-                empty_cache(self.denoiser.model.device)
-                if self.denoiser.block_batch <= 1:
-                    raise OutOfMemory(
-                        "Out of memory with one block per network call. Lower the output size or the "
-                        "batch, use weight dtype bf16/fp16, or free the device (close other models).") from error
-                self.denoiser.block_batch = max(1, min(self.denoiser.block_batch, self.denoiser.num_blocks) // 2)
-                warnings.warn(f"Inf-DiT: out of memory, retrying with block_batch={self.denoiser.block_batch}")
+                empty_cache(denoiser.model.device)
+                if not self.retry or (denoiser.block_batch <= 1 and denoiser.placement.spills_kv):
+                    raise OutOfMemory(f"Out of memory with block_batch {denoiser.block_batch} and offload "
+                                      f"'{denoiser.placement.mode}'. {out_of_memory_advice(denoiser.placement)}"
+                                      ) from error
+                if denoiser.block_batch > 1:
+                    denoiser.block_batch = max(1, min(denoiser.block_batch, denoiser.num_blocks) // 2)
+                    warnings.warn(f"Inf-DiT: out of memory, retrying with block_batch={denoiser.block_batch}")
+                else:
+                    denoiser.placement = denoiser.placement.with_kv_spill()
+                    warnings.warn("Inf-DiT: out of memory at block_batch 1, retrying with the K/V cache in host memory")
 
 
 def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_STEPS,
            noise: Optional[torch.Tensor] = None, seed: Optional[int] = None, lr_noise_init: bool = True,
-           block_batch: Union[int, str] = "auto", callback: Optional[ProgressCallback] = None) -> torch.Tensor:
+           block_batch: Union[int, str] = "auto", callback: Optional[ProgressCallback] = None,
+           offload: Union[str, Placement] = "auto", group=AUTO, resume: Optional[Resume] = None
+           ) -> Optional[torch.Tensor]:
     """x at sigma = 0, [B, 3, H, W] in [-1, 1] (float32). `noise` is the unit Gaussian eps with the
-    shape of concat_lr; when None it is drawn from `seed` (0 if None)."""
+    shape of concat_lr; when None it is drawn block by block from `seed` (0 if None).
+
+    offload: auto/off/canvas/all or a Placement (offload.py). group: the process group whose ranks
+    share the image in strips (strips.py): by default the initialised default group, if any; None
+    for this process alone. Every rank calls sample with the same arguments; rank 0 returns the
+    image, the other ranks None. resume: checkpoint the state and continue a job found there."""
     B, _, H, W = concat_lr.shape
-    if noise is None:
-        noise = unit_noise(concat_lr.shape, 0 if seed is None else seed)
-    elif noise.shape != concat_lr.shape:
+    s = model.config.block_size
+    if noise is not None and noise.shape != concat_lr.shape:
         raise ValueError(f"noise must have the shape of concat_lr {tuple(concat_lr.shape)}, got {tuple(noise.shape)}")
-    batch = resolve_block_batch(block_batch, model.config, H, W, model.dtype, model.device, B)
-    sigmas = karras_sigmas(steps).to(model.device)
+    group = resolve_group(group)
+    world, rank = world_and_rank(group)
+    schedule = StripSchedule(B, H // s, W // s, world, rank)
+    if world > 1 and rank == 0 and not schedule.strips[-1]:
+        warnings.warn(f"Inf-DiT: {world} ranks for {len([p for p in schedule.strips if p])} strips of blocks: "
+                      "the extra ranks stay idle")
+    if isinstance(offload, Placement):
+        batch = block_batch if block_batch != "auto" else resolve_execution(
+            "auto", offload.mode, model.config, H, W, model.dtype, model.device, B, world)[0]
+        placement = offload
+    else:
+        batch, placement, _ = resolve_execution(block_batch, offload, model.config, H, W, model.dtype,
+                                                model.device, B, world)
+    store = None
+    if resume is not None:
+        key = job_key(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, steps=steps,
+                      seed=0 if seed is None else seed, noise=noise, lr_noise_init=lr_noise_init)
+        store = StateStore(resume.directory, key, schedule, s, concat_lr.shape, resume.interval,
+                           group=cpu_group(group) if group is not None else None, max_bytes=resume.max_bytes)
+    denoiser = BlockSweepDenoiser(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, block_batch=batch,
+                                  schedule=schedule, placement=placement)
+    sigmas = karras_sigmas(steps).to(placement.canvas)
+    start, x = 0, None
+    if store is not None and (found := store.load()) is not None:
+        start, x = found[0] + 1, found[1].to(placement.canvas)
+        log.info("Inf-DiT: resuming from step %d of %d (checkpoint in %s)", start, steps, resume.directory)
+    if x is None:
+        eps = strip_noise(schedule, 0 if seed is None else seed, s) if noise is None else schedule.crop(noise, s)
+        x = initial_state(denoiser.canvas.concat_lr, eps.to(placement.canvas), sigmas[0], lr_noise_init)
+        del eps
     total_calls = network_calls(steps)
-    state = {"step": 0}
-    denoiser = BlockSweepDenoiser(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, block_batch=batch)
-    resilient = _BackoffDenoiser(denoiser)
+    resilient = _BackoffDenoiser(denoiser, retry=world == 1)
+    resilient.calls_done = 2 * start
+    if world > 1:
+        cfg = model.config
+        kv_shape = (cfg.num_layers, 2, cfg.num_heads, cfg.block_tokens ** 2, cfg.head_dim)
+        denoiser.exchange = StripExchange(schedule, group, model.device, model.dtype, kv_shape,
+                                          sweeps=total_calls - 2 * start)
+    state = {"step": start}
     if callback is not None:
+        # Progress over all ranks, read off this rank's strip: the strips differ by one block at most.
+        share = B * (H // s) * (W // s) / max(1, denoiser.num_blocks)
+
         def on_blocks(done, total, estimate):
-            callback(state["step"], steps, resilient.calls_done * total + done, total_calls * total, estimate)
+            blocks = round((resilient.calls_done * total + done) * share)
+            callback(state["step"], steps, blocks, round(total_calls * total * share), estimate)
         denoiser.on_blocks = on_blocks
 
     def on_step(i):
         state["step"] = i
 
-    x = initial_state(concat_lr.to(model.device), noise.to(model.device), sigmas[0], lr_noise_init)
-    del noise  # one canvas less for the whole run
-    return sample_heun(resilient, x, sigmas, on_step=on_step)
+    try:
+        x = sample_heun(resilient, x, sigmas, on_step=on_step, start=start,
+                        on_step_end=None if store is None else lambda i, x_i: store.after_step(i, x_i, start))
+    except BaseException:
+        if store is not None:
+            store.save_unsaved()  # an interrupt keeps the last finished step
+        raise
+    if denoiser.exchange is not None:
+        denoiser.exchange.close()
+    if world > 1:
+        x = gather_strips(x, schedule, s, group, tuple(concat_lr.shape))
+    if store is not None:
+        store.finish()
+    return x
 
 
 def chain_factors(scale: float, max_factor: float = MAX_FACTOR) -> list[float]:
@@ -129,21 +215,23 @@ def prepare_condition(image: torch.Tensor, out_hw: tuple[int, int], block_size: 
     return concat, lr
 
 
-def _upscale_rgb(model, rgb, out_hw, *, clip_vector, steps, seed, lr_noise_init, block_batch, callback):
+def _upscale_rgb(model, rgb, out_hw, **options):
     concat, lr = prepare_condition(rgb * 2 - 1, out_hw, model.config.block_size)
-    x = sample(model, lr=lr, concat_lr=concat, clip_vector=clip_vector, steps=steps, seed=seed,
-               lr_noise_init=lr_noise_init, block_batch=block_batch, callback=callback)
-    return ((x[:, :, :out_hw[0], :out_hw[1]] + 1) / 2).clamp(0, 1)
+    x = sample(model, lr=lr, concat_lr=concat, **options)
+    return None if x is None else ((x[:, :, :out_hw[0], :out_hw[1]] + 1) / 2).clamp(0, 1)
 
 
 def upscale(model: InfDiT, image: torch.Tensor, *, scale: float = 4.0, clip_vector=None,
             steps: int = DEFAULT_STEPS, seed: int = 0, lr_noise_init: bool = True,
-            block_batch: Union[int, str] = "auto", callback: Optional[ProgressCallback] = None) -> torch.Tensor:
+            block_batch: Union[int, str] = "auto", callback: Optional[ProgressCallback] = None,
+            offload: str = "auto", group=AUTO, resume: Optional[Resume] = None) -> Optional[torch.Tensor]:
     """Upscale `image` [B, C, h, w] in [0, 1] (C = 1, 3 or 4) to [B, C, round(h*scale), round(w*scale)].
 
     Scales above 4 run as a chain of passes (`chain_factors`). Alpha is resized bicubically on its
-    own; grayscale (one channel, or three equal ones) runs as RGB and is averaged back. `clip_vector` [B, vector_dim] is the semantic
-    embedding of the input (see clip.py); without one a zero vector is used, with a warning."""
+    own; grayscale (one channel, or three equal ones) runs as RGB and is averaged back.
+    `clip_vector` [B, vector_dim] is the semantic embedding of the input (see clip.py); without one
+    a zero vector is used, with a warning. offload, group and resume as in `sample`: over several
+    ranks, rank 0 returns the image and the others None."""
     B, C, h, w = image.shape
     if C not in (1, 3, 4):
         raise ValueError(f"image must have 1, 3 or 4 channels, got {C}")
@@ -156,12 +244,19 @@ def upscale(model: InfDiT, image: torch.Tensor, *, scale: float = 4.0, clip_vect
     # A grayscale picture stored as RGB (ComfyUI's Load Image does this) must come back gray: the
     # model adds chroma of its own, so equal input channels are averaged back to equal outputs.
     gray = C == 1 or bool((rgb == rgb[:, :1]).all())
+    group = resolve_group(group)
+    factors = chain_factors(scale)
     done = 1.0
-    for factor in chain_factors(scale):
+    for n, factor in enumerate(factors):
         done *= factor
         out_hw = output_size(h, w, done)
         rgb = _upscale_rgb(model, rgb.float(), out_hw, clip_vector=clip_vector, steps=steps, seed=seed,
-                           lr_noise_init=lr_noise_init, block_batch=block_batch, callback=callback)
+                           lr_noise_init=lr_noise_init, block_batch=block_batch, callback=callback,
+                           offload=offload, group=group, resume=resume)
+        if group is not None and n + 1 < len(factors):
+            rgb = broadcast_from_first(rgb, (B, 3, *out_hw), group)  # the next pass starts from it everywhere
+    if rgb is None:
+        return None
     out_hw = tuple(rgb.shape[-2:])
     if gray:
         rgb = rgb.mean(dim=1, keepdim=True)

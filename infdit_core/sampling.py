@@ -6,9 +6,12 @@ improvement over the official all-bf16 loop, which rounds sigma itself (40 -> 30
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Callable, Optional
 
 import torch
+
+from .strips import Block, StripSchedule
 
 SIGMA_MIN = 0.002
 SIGMA_MAX = 40.0
@@ -55,17 +58,41 @@ def network_calls(steps: int) -> int:
 
 
 def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
-                on_step: Optional[Callable[[int], None]] = None) -> torch.Tensor:
-    """Integrate from sigmas[0] to sigmas[-1] = 0. `on_step(i)` is called before step i."""
-    for i in range(len(sigmas) - 1):
+                on_step: Optional[Callable[[int], None]] = None, start: int = 0,
+                on_step_end: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+    """Integrate from sigmas[start] to sigmas[-1] = 0. `on_step(i)` is called before step i,
+    `on_step_end(i, x)` after it with the new state (what a resumed run starts step i + 1 from)."""
+    for i in range(start, len(sigmas) - 1):
         if on_step is not None:
             on_step(i)
         x = heun_step(denoiser, x, sigmas[i], sigmas[i + 1])
+        if on_step_end is not None:
+            on_step_end(i, x)
     return x
 
 
-def unit_noise(shape, seed: int) -> torch.Tensor:
-    """eps ~ N(0, I) for the whole canvas from a seeded CPU generator: the same numbers whatever
-    the device, block batch or sweep order."""
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
+def block_noise(seed: int, block: Block, block_size: int, channels: int = 3) -> torch.Tensor:
+    """eps ~ N(0, I) of one block, keyed by (seed, image, block row, block column): the same numbers
+    whichever rank, device, block batch or sweep order draws them, and no process ever draws the
+    whole canvas's noise."""
+    digest = hashlib.sha256(f"infdit-noise:{int(seed)}:{block.b}:{block.i}:{block.j}".encode()).digest()
+    generator = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.randn(channels, block_size, block_size, generator=generator, dtype=torch.float32)
+
+
+def strip_noise(schedule: StripSchedule, seed: int, block_size: int, channels: int = 3) -> torch.Tensor:
+    """The unit noise of a strip's canvas [B, channels, H, W] (the whole canvas for one rank)."""
+    lines, across = schedule.lines * block_size, len(schedule.span) * block_size
+    H, W = (across, lines) if schedule.wide else (lines, across)
+    noise = torch.empty(schedule.batch, channels, H, W)
+    oi, oj = schedule.origin()
+    for block in schedule.order:
+        i, j = (block.i - oi) * block_size, (block.j - oj) * block_size
+        noise[block.b, :, i:i + block_size, j:j + block_size] = block_noise(seed, block, block_size, channels)
+    return noise
+
+
+def unit_noise(shape, seed: int, block_size: int) -> torch.Tensor:
+    """The unit noise of a whole canvas `shape` = [B, C, H, W] (H, W multiples of block_size)."""
+    B, C, H, W = shape
+    return strip_noise(StripSchedule(B, H // block_size, W // block_size), seed, block_size, C)

@@ -1,26 +1,23 @@
-"""UniBA block geometry: the block grid, neighbour slots, sweep order and the per-layer K/V cache.
+"""UniBA block geometry: neighbour slots, the per-layer K/V cache and the block inputs of a call.
 
 Within one denoiser call, layer l of block (i, j) reads the layer-l keys/values of its top-left,
 left and top neighbours (clamped at the border, so a border block sees duplicates of itself or of
-its one existing neighbour). Every dependency points up or left, so sweeping the blocks in raster
-order while caching each layer's K/V reproduces the whole-image computation exactly, with memory
-for one row of blocks instead of the whole image.
+its one existing neighbour). Every dependency points up or left, so sweeping the blocks line by
+line (strips.py) while caching each layer's K/V reproduces the whole-image computation exactly,
+with memory for one line of blocks instead of the whole image.
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+import bisect
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .config import LR_PATCH, NUM_SLOTS, InfDiTConfig
 from .model import BlockInputs
-
-
-class Block(NamedTuple):
-    b: int  # image in the batch
-    i: int  # block row
-    j: int  # block column
+from .offload import Placement
+from .strips import Block, StripSchedule
 
 
 def neighbour_slots(block: Block) -> tuple[Block, Block, Block, Block]:
@@ -29,14 +26,6 @@ def neighbour_slots(block: Block) -> tuple[Block, Block, Block, Block]:
     b, i, j = block
     up, left = max(i - 1, 0), max(j - 1, 0)
     return block, Block(b, up, left), Block(b, i, left), Block(b, up, j)
-
-
-def sweep_order(batch: int, rows: int, cols: int) -> list[Block]:
-    """Raster order, or column-major for wide images: the cache then holds one block column
-    instead of one block row. Both orders visit every neighbour before the blocks reading it."""
-    if cols > rows:
-        return [Block(b, i, j) for b in range(batch) for j in range(cols) for i in range(rows)]
-    return [Block(b, i, j) for b in range(batch) for i in range(rows) for j in range(cols)]
 
 
 def chunks(order: list[Block], size: int) -> Iterator[list[Block]]:
@@ -49,16 +38,31 @@ class KVCache:
 
     Per layer it keeps the K/V (post-LN, post-RoPE, before the slot offset) of blocks that a later
     call still reads, and frees each one in the call that reads it last. A neighbour inside the
-    current call comes straight from the call's fresh K/V."""
+    current call comes straight from the call's fresh K/V. Blocks swept by another rank enter
+    through `put`; the K/V of the `outgoing` blocks are packed per call for the next rank
+    ([layers, 2, heads, tokens, head_dim], see `take_outbox`). With a placement that spills K/V,
+    each layer's store keeps on the compute device the blocks the next call reads plus
+    `kv_device_slots` more (soonest read first) and the rest in host memory."""
 
-    def __init__(self, order: list[Block], block_batch: int, num_layers: int):
+    def __init__(self, order: list[Block], block_batch: int, num_layers: int, *,
+                 placement: Optional[Placement] = None, outgoing: tuple[Block, ...] | list[Block] = ()):
         self.call_of = {block: index // block_batch for index, block in enumerate(order)}
-        self.last_reader: dict[Block, int] = {}
+        self.reads: dict[Block, list[int]] = {}  # source -> the calls reading it, ascending
         for block in order:
+            call = self.call_of[block]
             for source in neighbour_slots(block):
-                self.last_reader[source] = max(self.last_reader.get(source, -1), self.call_of[block])
+                calls = self.reads.setdefault(source, [])
+                if not calls or calls[-1] != call:
+                    calls.append(call)
+        self.last_reader = {source: calls[-1] for source, calls in self.reads.items()}
+        self.num_layers = num_layers
         self.stores: list[dict[Block, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(num_layers)]
+        self.spilled: list[set[Block]] = [set() for _ in range(num_layers)]
+        self.placement = placement if placement is not None and placement.spills_kv else None
+        self.outgoing = set(outgoing)
+        self.outbox: dict[Block, torch.Tensor] = {}
         self.peak_blocks = 0  # most blocks held by one layer's store at any time
+        self.peak_device_blocks = 0  # of those, most on the compute device
         self.call = -1
         self.blocks: list[Block] = []
         self.position: dict[Block, int] = {}
@@ -67,6 +71,16 @@ class KVCache:
         self.call = self.call_of[blocks[0]]
         self.blocks = blocks
         self.position = {block: m for m, block in enumerate(blocks)}
+
+    def put(self, block: Block, kv: torch.Tensor):
+        """K/V of a block computed elsewhere, [layers, 2, heads, tokens, head_dim]."""
+        for layer in range(self.num_layers):
+            self.stores[layer][block] = (kv[layer, 0], kv[layer, 1])
+
+    def take_outbox(self) -> list[tuple[Block, torch.Tensor]]:
+        """The packed K/V of this call's outgoing blocks, in sweep order."""
+        packed = [(block, self.outbox.pop(block)) for block in self.blocks if block in self.outbox]
+        return packed
 
     def gather(self, layer, k, v):
         store = self.stores[layer]
@@ -81,49 +95,95 @@ class KVCache:
         values = torch.stack(values).view(M, NUM_SLOTS, *v.shape[1:])
         for source in [s for s in store if self.last_reader[s] <= self.call]:
             del store[source]
+            self.spilled[layer].discard(source)
         for m, block in enumerate(self.blocks):
             if self.last_reader[block] > self.call:
                 # A copy, so the call's whole K/V tensor is not kept alive by one cached block.
                 store[block] = (k[m].clone(), v[m].clone())
+            if block in self.outgoing:
+                if block not in self.outbox:
+                    self.outbox[block] = k.new_empty(self.num_layers, 2, *k.shape[1:])
+                self.outbox[block][layer, 0].copy_(k[m])
+                self.outbox[block][layer, 1].copy_(v[m])
         self.peak_blocks = max(self.peak_blocks, len(store))
+        if self.placement is not None:
+            self._place(layer)
+        self.peak_device_blocks = max(self.peak_device_blocks, len(store) - len(self.spilled[layer]))
         return keys, values
+
+    def _next_read(self, source: Block) -> int:
+        calls = self.reads[source]
+        return calls[bisect.bisect_right(calls, self.call)]
+
+    def _place(self, layer: int):
+        """Keep on the device what the next call reads (and the soonest-read others the slots
+        allow); move the rest of this layer's store to the host."""
+        store, spilled = self.stores[layer], self.spilled[layer]
+        ranked = sorted(store, key=self._next_read)
+        needed = sum(1 for source in ranked if self._next_read(source) == self.call + 1)
+        keep = set(ranked[:max(needed, self.placement.kv_device_slots)])
+        for source, (key, value) in store.items():
+            if source in keep and source in spilled:
+                store[source] = (self.placement.fetch(key), self.placement.fetch(value))
+                spilled.remove(source)
+            elif source not in keep and source not in spilled:
+                store[source] = (self.placement.spill(key), self.placement.spill(value))
+                spilled.add(source)
 
 
 class BlockCanvas:
-    """Cuts one denoiser call's inputs for a list of blocks out of whole-image tensors."""
+    """Cuts one denoiser call's inputs for a list of blocks out of a strip's canvases.
 
-    def __init__(self, config: InfDiTConfig, lr: torch.Tensor, concat_lr: torch.Tensor):
+    The strip's own pixels live on the placement's canvas device; the LR image is kept for the
+    strip plus one block on each side, since a block's cross-attention window spans its 3x3-block
+    neighbourhood."""
+
+    def __init__(self, config: InfDiTConfig, lr: torch.Tensor, concat_lr: torch.Tensor,
+                 schedule: StripSchedule, placement: Placement):
         self.config = config
-        self.concat_lr = concat_lr
+        self.placement = placement
+        s = config.block_size
+        self.origin = schedule.origin()
+        strip = schedule.crop(concat_lr, s)
+        # A strip of a larger canvas is copied so the whole canvas is not kept alive by it.
+        self.concat_lr = strip.to(placement.canvas, torch.float32,
+                                  copy=strip.numel() != concat_lr.numel())
         k = config.lr_block_tokens
+        step = k * LR_PATCH  # one block in LR pixels
         # Pad the LR pixels by one block's worth of tokens on every side; the window tokens that
         # fall there are zeroed after the convolution (see BlockInputs.lr_valid).
-        self.lr_padded = F.pad(lr, [k * LR_PATCH] * 4)
+        lr_padded = F.pad(lr.to(placement.canvas, torch.float32), [step] * 4)
+        halo = schedule.span.start * step, (len(schedule.span) + 2) * step
+        self.lr_padded = lr_padded.narrow(schedule.axis, *halo).clone()
         self.lr_token_hw = (lr.shape[-2] // LR_PATCH, lr.shape[-1] // LR_PATCH)
 
     def pixels(self, image: torch.Tensor, block: Block) -> torch.Tensor:
+        """The block's pixels in a strip canvas [B, C, H, W]."""
         s = self.config.block_size
-        return image[block.b, :, block.i * s:(block.i + 1) * s, block.j * s:(block.j + 1) * s]
+        i, j = block.i - self.origin[0], block.j - self.origin[1]
+        return image[block.b, :, i * s:(i + 1) * s, j * s:(j + 1) * s]
 
-    def inputs(self, blocks: list[Block], x: torch.Tensor, c_in: torch.Tensor) -> BlockInputs:
-        cfg = self.config
+    def inputs(self, blocks: list[Block], x: torch.Tensor) -> BlockInputs:
+        """The blocks' inputs on the compute device; `z` is the raw concat(x, concat LR), not yet
+        scaled by c_in."""
+        cfg, dev = self.config, self.placement.compute
         k, t = cfg.lr_block_tokens, cfg.block_tokens
-        batch_index = torch.tensor([blk.b for blk in blocks], device=x.device)
-        # Official quirk (8.1-3): c_in scales the LR concat channels as well as the noisy image.
         z = torch.stack([torch.cat([self.pixels(x, blk), self.pixels(self.concat_lr, blk)]) for blk in blocks])
-        z = z * c_in[batch_index][:, None, None, None]
         step = k * LR_PATCH  # one block in LR pixels; a window spans 3 of them
+        oi, oj = self.origin
         lr_windows = torch.stack([
-            self.lr_padded[blk.b, :, blk.i * step:(blk.i + 3) * step, blk.j * step:(blk.j + 3) * step]
+            self.lr_padded[blk.b, :, (blk.i - oi) * step:(blk.i - oi + 3) * step,
+                           (blk.j - oj) * step:(blk.j - oj + 3) * step]
             for blk in blocks])
-        span = torch.arange(3 * k, device=x.device)
-        block_i = torch.tensor([blk.i for blk in blocks], device=x.device)[:, None]
-        block_j = torch.tensor([blk.j for blk in blocks], device=x.device)[:, None]
+        span = torch.arange(3 * k, device=dev)
+        block_i = torch.tensor([blk.i for blk in blocks], device=dev)[:, None]
+        block_j = torch.tensor([blk.j for blk in blocks], device=dev)[:, None]
         tok_r, tok_c = (block_i - 1) * k + span, (block_j - 1) * k + span
         valid_r = (tok_r >= 0) & (tok_r < self.lr_token_hw[0])
         valid_c = (tok_c >= 0) & (tok_c < self.lr_token_hw[1])
-        in_block = torch.arange(t, device=x.device)
+        in_block = torch.arange(t, device=dev)
         rows = (block_i * t + in_block)[:, :, None].expand(-1, t, t).flatten(1)
         cols = (block_j * t + in_block)[:, None, :].expand(-1, t, t).flatten(1)
-        return BlockInputs(z=z, lr_windows=lr_windows, lr_valid=valid_r[:, :, None] & valid_c[:, None, :],
-                           rows=rows, cols=cols, batch_index=batch_index)
+        return BlockInputs(z=self.placement.to_compute(z), lr_windows=self.placement.to_compute(lr_windows),
+                           lr_valid=valid_r[:, :, None] & valid_c[:, None, :], rows=rows, cols=cols,
+                           batch_index=torch.tensor([blk.b for blk in blocks], device=dev))

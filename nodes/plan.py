@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import math
 
-from ..infdit_core import plan
-from ..infdit_core.memory import free_memory, resolve_block_batch
+from ..infdit_core.memory import HOST, free_memory, resolve_execution
+from ..infdit_core.offload import MODES
 from ..infdit_core.pipeline import MAX_FACTOR, output_size
 from ..infdit_core.sampling import DEFAULT_STEPS, network_calls
 from .loaders import CATEGORY, InfDiTModel
@@ -13,22 +13,24 @@ GB = 2 ** 30
 
 
 def memory_report(model: InfDiTModel, width: int, height: int, scale: float, block_batch: int = 0,
-                  batch: int = 1, steps: int = DEFAULT_STEPS) -> str:
+                  batch: int = 1, steps: int = DEFAULT_STEPS, offload: str = "auto") -> str:
     """Text report of predicted memory (and work) for upscaling a width x height batch by `scale`."""
     config, network = model.model.config, model.model
     out_h, out_w = output_size(height, width, scale)
     device = model.managed.load_device
-    chosen = block_batch if block_batch > 0 else resolve_block_batch(
-        "auto", config, out_h, out_w, network.dtype, device, batch)
-    p = plan(config, out_h, out_w, chosen, network.dtype, batch)
+    _, placement, p = resolve_execution(block_batch if block_batch > 0 else "auto", offload, config, out_h, out_w,
+                                        network.dtype, device, batch)
     calls = network_calls(steps) * math.ceil(p.blocks / p.block_batch)
+    chosen = f"{placement.mode} (auto)" if offload == "auto" else placement.mode
     lines = [
         f"{width}x{height} -> {out_w}x{out_h} (x{scale:g}), batch {batch}, {str(network.dtype).replace('torch.', '')}",
         f"blocks {p.blocks}, block batch {p.block_batch}{' (auto)' if block_batch <= 0 else ''}, "
-        f"{calls} network calls for {steps} steps",
-        f"weights {p.weights / GB:.2f} GB + K/V cache {p.kv_cache / GB:.2f} GB + activations "
+        f"{calls} network calls for {steps} steps, offload {chosen}",
+        f"device: weights {p.weights / GB:.2f} GB + K/V cache {p.kv_cache / GB:.2f} GB + activations "
         f"{p.activations / GB:.2f} GB + canvases {p.canvases / GB:.2f} GB",
         f"predicted peak {p.total / GB:.2f} GB (free now on {device}: {free_memory(device) / GB:.1f} GB)",
+        f"host: canvases {p.canvases_host / GB:.2f} GB + spilled K/V {p.kv_host / GB:.2f} GB = {p.host / GB:.2f} GB "
+        f"(available: {free_memory(HOST) / GB:.1f} GB)",
     ]
     return "\n".join(lines)
 
@@ -57,15 +59,17 @@ class InfDiTMemoryPlan:
                                   "tooltip": "Sampler steps of the planned run (sets the number of network calls)."}),
                 "block_batch": ("INT", {"default": 0, "min": 0, "max": 4096,
                                         "tooltip": "Blocks per network call; 0 = what auto would pick now."}),
+                "offload": (list(MODES), {"default": "auto",
+                                          "tooltip": "Placement of the planned run, as in Inf-DiT UniBA Upscale."}),
             },
             "optional": {"image": ("IMAGE", {"tooltip": "Plan for this image batch instead of width x height."})},
         }
 
-    def report(self, model, width, height, scale, steps, block_batch, image=None):
+    def report(self, model, width, height, scale, steps, block_batch, offload="auto", image=None):
         batch = 1
         if image is not None:
             batch, height, width = image.shape[0], image.shape[1], image.shape[2]
-        text = memory_report(model, width, height, scale, block_batch, batch, steps)
+        text = memory_report(model, width, height, scale, block_batch, batch, steps, offload)
         return {"ui": {"text": [text]}, "result": (text,)}
 
 

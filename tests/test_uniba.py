@@ -88,7 +88,7 @@ def test_seed_and_explicit_noise_agree(model):
     inp = random_inputs(1, 1, 2, seed=6)
     common = dict(lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=2, block_batch=1)
     by_seed = sample(model, seed=7, **common)
-    by_noise = sample(model, noise=unit_noise(inp["concat_lr"].shape, 7), **common)
+    by_noise = sample(model, noise=unit_noise(inp["concat_lr"].shape, 7, 32), **common)
     assert torch.equal(by_seed, by_noise)
     assert not torch.allclose(by_seed, sample(model, seed=8, **common))
 
@@ -96,20 +96,22 @@ def test_seed_and_explicit_noise_agree(model):
 @pytest.mark.parametrize("lr_noise_init", [True, False])
 def test_one_step_is_one_denoiser_call_from_the_initial_state(model, lr_noise_init):
     inp = random_inputs(1, 2, 2, seed=9)
-    eps = unit_noise(inp["concat_lr"].shape, 3)
+    eps = unit_noise(inp["concat_lr"].shape, 3, 32)
     out = sample(model, lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=1,
                  noise=eps, lr_noise_init=lr_noise_init, block_batch=2)
     sigma_max = karras_sigmas(1)[0]  # 40 up to float32 rounding of the rho-power
     x_T = sigma_max * eps + (inp["concat_lr"] if lr_noise_init else 0)
     den = denoise(model, x_T, sigma_max, lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"])
     # One Euler step to sigma 0 lands on D(x_T); written as the step to keep float32 rounding alike.
-    assert rel_l2(out, x_T - sigma_max * (x_T - den) / sigma_max) <= 1e-5
+    # x_T is ~40 and D ~0.1: one ulp of x_T (4e-6) is already 4e-5 of D, so block-batch-level
+    # differences in D can round either way: 3e-5 is the noise floor of this comparison.
+    assert rel_l2(out, x_T - sigma_max * (x_T - den) / sigma_max) <= 3e-5
     assert rel_l2(out, den) <= 1e-4
 
 
 def test_heun_then_final_euler(model):
     inp = random_inputs(1, 1, 2, seed=10)
-    eps = unit_noise(inp["concat_lr"].shape, 4)
+    eps = unit_noise(inp["concat_lr"].shape, 4, 32)
     cond = dict(lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"])
     out = sample(model, steps=2, noise=eps, block_batch=1, **cond)
     s0, s1 = karras_sigmas(2)[:2]  # a 2-step Karras schedule is just the two ends, 40 and 0.002

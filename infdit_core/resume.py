@@ -1,0 +1,261 @@
+"""The state store: checkpoints of the sampler state so an interrupted or crashed job resumes.
+
+Between Heun steps the whole state of a job is the canvas x and the step index (the noise is a
+pure function of the seed), so a checkpoint is x after a finished step. It is written atomically
+(temporary file, fsync, rename) as a safetensors file with a SHA-256 of its bytes, under a key that
+identifies the job's result: the weights, their dtype, the inputs (LR and concat LR, which carry the
+image, the scale and the output size), the CLIP vector, the steps, the seed (or the explicit noise)
+and lr_noise_init. Block batch, device, world size and placement change where the work runs, not
+the result, and stay out of the key.
+
+Each rank writes the region of the canvas it sweeps (its strip along the strip axis) and restores
+its region from whatever files of one step cover it, so a job may resume with another number of
+ranks. Ranks save at the same steps and keep their last two, and a distributed job resumes from the
+latest step every rank can restore.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+import warnings
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .strips import StripSchedule
+
+log = logging.getLogger("infdit")
+FORMAT = "infdit-resume-1"
+SUFFIX = ".safetensors"
+KEEP = 2  # checkpoints a rank keeps of a job: a step all ranks have survives a crash mid-save
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def weights_identity(model) -> str:
+    """SHA-256 of the model's weights (computed once per model object: seconds for the full model)."""
+    cached = getattr(model, "_infdit_weights_sha256", None)
+    if cached is None:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(model.state_dict().items()):
+            if ".rope." in name:
+                continue  # generated from the geometry, which the other shapes already fix
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(_tensor_bytes(tensor))
+        cached = model._infdit_weights_sha256 = digest.hexdigest()
+    return cached
+
+
+def job_key(model, *, lr, concat_lr, clip_vector, steps: int, seed, noise, lr_noise_init: bool) -> str:
+    digest = hashlib.sha256(f"{FORMAT}:{weights_identity(model)}:{model.dtype}".encode())
+    for tensor in (lr, concat_lr, clip_vector) + ((noise,) if noise is not None else ()):
+        tensor = tensor.to(torch.float32)
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(_tensor_bytes(tensor))
+    digest.update(json.dumps({"steps": steps, "seed": None if noise is not None else seed,
+                              "lr_noise_init": bool(lr_noise_init)}).encode())
+    return digest.hexdigest()[:40]
+
+
+def _fsync_dir(directory: str):
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(directory, os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def prune(directory: str, max_bytes: int, keep: tuple[str, ...] = ()):
+    """Delete the oldest checkpoints until the folder holds at most max_bytes."""
+    files = [os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(SUFFIX)]
+    files = sorted((os.path.getmtime(f), f) for f in files if os.path.isfile(f))
+    total = sum(os.path.getsize(f) for _, f in files)
+    for _, path in files:
+        if total <= max_bytes:
+            break
+        if os.path.basename(path) in keep:
+            continue
+        total -= os.path.getsize(path)
+        os.remove(path)
+
+
+class StateStore:
+    """Saves and restores one rank's region of x for the job `key` in `directory`."""
+
+    NAME = re.compile(r"^(?P<key>[0-9a-f]+)\.s(?P<step>\d+)\.(?P<start>\d+)-(?P<stop>\d+)" + re.escape(SUFFIX) + "$")
+
+    def __init__(self, directory: str, key: str, schedule: StripSchedule, block_size: int,
+                 canvas_shape: tuple[int, ...], interval: float = 60.0, group=None,
+                 max_bytes: Optional[int] = None):
+        os.makedirs(directory, exist_ok=True)
+        self.directory, self.key, self.schedule = directory, key, schedule
+        self.region = schedule.pixel_span(block_size)
+        self.axis = schedule.axis % 4
+        self.canvas_shape = tuple(canvas_shape)
+        self.interval, self.group, self.max_bytes = interval, group, max_bytes
+        self.last_save = time.monotonic()
+        self.period: Optional[int] = None  # steps between saves, agreed by all ranks
+        self.saved: list[int] = []
+        self.latest: Optional[tuple[int, torch.Tensor]] = None  # last finished step, not yet saved
+
+    def _path(self, step: int, start: int, stop: int) -> str:
+        return os.path.join(self.directory, f"{self.key}.s{step:05d}.{start}-{stop}{SUFFIX}")
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def save(self, step: int, x: torch.Tensor):
+        from safetensors.torch import save_file
+
+        x = x.detach().to("cpu", torch.float32).contiguous()
+        meta = {"format": FORMAT, "key": self.key, "step": str(step), "axis": str(self.axis),
+                "start": str(self.region[0]), "stop": str(self.region[1]),
+                "canvas": json.dumps(self.canvas_shape), "sha256": hashlib.sha256(_tensor_bytes(x)).hexdigest()}
+        path = self._path(step, *self.region)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        save_file({"x": x}, temporary, metadata=meta)
+        with open(temporary, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        _fsync_dir(self.directory)
+        self.saved.append(step)
+        self.last_save = time.monotonic()
+        for old in self.saved[:-KEEP]:
+            self._remove(self._path(old, *self.region))
+        self.saved = self.saved[-KEEP:]
+        if self.max_bytes is not None:
+            prune(self.directory, self.max_bytes, keep=tuple(os.path.basename(self._path(s, *self.region))
+                                                             for s in self.saved))
+
+    def _due(self, step: int, start: int) -> bool:
+        if self.interval <= 0:
+            return True
+        if self.group is None:
+            return time.monotonic() - self.last_save >= self.interval
+        if self.period is None:
+            # Ranks decide alike without talking at every step: the slowest rank's first step
+            # sets how many steps make up the interval.
+            elapsed = torch.tensor([time.monotonic() - self.last_save], dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=self.group)
+            self.period = max(1, math.ceil(self.interval / max(elapsed.item(), 1e-9)))
+        return (step - start + 1) % self.period == 0
+
+    def after_step(self, step: int, x: torch.Tensor, start: int):
+        if self._due(step, start):
+            self.save(step, x)
+            self.latest = None
+        else:
+            self.latest = (step, x)
+
+    def save_unsaved(self):
+        """On an interrupt: keep the last finished step if it was not saved (one process only,
+        where no other rank has to agree on the step)."""
+        if self.latest is not None and self.group is None:
+            self.save(*self.latest)
+            self.latest = None
+
+    def finish(self):
+        """The job is done: its checkpoints go. Rank 0 removes them all, after the gather (no rank
+        reads them any more), whichever layout of regions wrote them."""
+        if self.schedule.rank == 0:
+            for match in list(self._listing()):
+                self._remove(os.path.join(self.directory, match.string))
+
+    # -- restoring ------------------------------------------------------------------------------
+
+    def _remove(self, path: str):
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+    def _listing(self):
+        for name in os.listdir(self.directory):
+            match = self.NAME.match(name)
+            if match and match["key"] == self.key:
+                yield match
+
+    def _steps_on_disk(self) -> list[int]:
+        return sorted({int(m["step"]) for m in self._listing()}, reverse=True)
+
+    def _files(self, step: int) -> list[tuple[str, tuple[int, int]]]:
+        return [(os.path.join(self.directory, m.string), (int(m["start"]), int(m["stop"])))
+                for m in self._listing() if int(m["step"]) == step]
+
+    def _region_of(self, path: str) -> tuple[int, int]:
+        match = self.NAME.match(os.path.basename(path))
+        return int(match["start"]), int(match["stop"])
+
+    def _read(self, path: str, step: int, region: tuple[int, int]) -> Optional[torch.Tensor]:
+        """The tensor of one checkpoint file, or None (with a warning) if it is not a valid piece
+        of this job's step."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                x = f.get_tensor("x")
+        except Exception as error:  # noqa: BLE001 - any unreadable file is skipped, never fatal
+            warnings.warn(f"Inf-DiT: ignoring the unreadable resume checkpoint {path} ({type(error).__name__}: "
+                          f"{str(error)[:120]})")
+            return None
+        expected = list(self.canvas_shape)
+        expected[self.axis] = region[1] - region[0]
+        problem = None
+        if meta.get("format") != FORMAT or meta.get("key") != self.key or meta.get("step") != str(step):
+            problem = "it belongs to another job"
+        elif (meta.get("axis"), meta.get("start"), meta.get("stop")) != (str(self.axis), str(region[0]), str(region[1])) \
+                or json.loads(meta.get("canvas", "null")) != list(self.canvas_shape) or list(x.shape) != expected:
+            problem = "its canvas does not match this job"
+        elif hashlib.sha256(_tensor_bytes(x)).hexdigest() != meta.get("sha256"):
+            problem = "its checksum does not match (corrupt file)"
+        if problem:
+            warnings.warn(f"Inf-DiT: ignoring the resume checkpoint {path}: {problem}.")
+            return None
+        return x
+
+    def _assemble(self, step: int) -> Optional[torch.Tensor]:
+        """This rank's region of x at `step` from the files of that step, if they cover it."""
+        start, stop = self.region
+        shape = list(self.canvas_shape)
+        shape[self.axis] = stop - start
+        x = torch.empty(shape)
+        covered = [False] * (stop - start)
+        for path, (a, b) in self._files(step):
+            lo, hi = max(a, start), min(b, stop)
+            if lo >= hi:
+                continue
+            piece = self._read(path, step, (a, b))
+            if piece is None:
+                continue
+            x.narrow(self.axis, lo - start, hi - lo).copy_(piece.narrow(self.axis, lo - a, hi - lo))
+            covered[lo - start:hi - start] = [True] * (hi - lo)
+        return x if all(covered) else None
+
+    def load(self) -> Optional[tuple[int, torch.Tensor]]:
+        """(last finished step, this rank's x) of the newest step every rank can restore, or None."""
+        restorable = {}
+        for step in self._steps_on_disk():
+            x = self._assemble(step)
+            if x is not None:
+                restorable[step] = x
+                if self.group is None:
+                    break
+        steps = set(restorable)
+        if self.group is not None:
+            everyone: list = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(everyone, sorted(steps), group=self.group)
+            steps = set.intersection(*(set(s) for s in everyone))
+        if not steps:
+            return None
+        step = max(steps)
+        self.saved = [step]
+        return step, restorable[step]
