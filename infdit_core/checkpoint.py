@@ -9,15 +9,16 @@ tower under `image_encoder.model.visual.` (the RoPE tables are dropped: they are
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
+import warnings
 from typing import Mapping, Union
 
 import torch
 
 from .config import InfDiTConfig
+from .integrity import changed, sha256_file
 from .model import InfDiT
 
 OFFICIAL_WEIGHTS_URL = "https://cloud.tsinghua.edu.cn/f/6e313f7e1236468e973b/?dl=1"
@@ -95,6 +96,9 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     """Tensors and safetensors metadata of a file, without executing anything it contains."""
     if not os.path.isfile(path):
         raise FileNotFoundError(missing_weights_message(path))
+    if (difference := changed(path)) is not None:
+        warnings.warn(f"{difference}. If you did not replace it on purpose, fetch it again (python -m infdit_core "
+                      "download, or the 'download official weights' entry of Load Inf-DiT Model).", stacklevel=2)
     kind = _file_kind(path)
     if kind == "unknown":
         raise CheckpointError(f"{path} is not a checkpoint: neither a PyTorch (.pt) nor a .safetensors file.")
@@ -165,6 +169,15 @@ def infer_config(sd: StateDict, name: str = "checkpoint") -> InfDiTConfig:
         raise CheckpointError(f"{name}: inconsistent tensor shapes ({e})") from None
 
 
+def check_state_dict(sd: StateDict, name: str = "checkpoint") -> InfDiTConfig:
+    """The configuration of `sd`, after checking its keys and shapes against a model built on the
+    meta device (no memory allocated)."""
+    config = infer_config(sd, name)
+    with torch.device("meta"):
+        check_keys(InfDiT(config), sd)
+    return config
+
+
 def build_model(sd: StateDict, *, dtype=torch.float32, device="cpu", name="checkpoint") -> InfDiT:
     config = infer_config(sd, name)
     with torch.device("meta"):
@@ -192,23 +205,13 @@ def load_model(source: Union[str, os.PathLike, StateDict], *, dtype=torch.float3
     return build_model(sd, dtype=dtype, device=device, name=path)
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def convert(src: str, dst: str, dtype: torch.dtype | None = None) -> dict[str, str]:
     """Write the DiT weights (and the CLIP image tower, when present) of `src` to a .safetensors
     file `dst`, optionally cast to `dtype`. Returns the metadata written."""
     from safetensors.torch import save_file
 
     sd, _ = read_state_dict(src)
-    config = infer_config(sd, src)
-    with torch.device("meta"):
-        check_keys(InfDiT(config), sd)
+    config = check_state_dict(sd, src)
     keep = {k: v for k, v in sd.items()
             if not k.startswith((CLIP_PREFIX, ROPE_PREFIX)) or k.startswith(CLIP_VISUAL_PREFIX)}
     if dtype is not None:
@@ -217,7 +220,7 @@ def convert(src: str, dst: str, dtype: torch.dtype | None = None) -> dict[str, s
         "format": "infdit",
         "config": json.dumps(config.to_dict()),
         "source": os.path.basename(src),
-        "source_sha256": _sha256(src),
+        "source_sha256": sha256_file(src),
         "clip_visual": str(any(k.startswith(CLIP_VISUAL_PREFIX) for k in keep)).lower(),
     }
     save_file({k: v.contiguous() for k, v in keep.items()}, dst, metadata=metadata)
