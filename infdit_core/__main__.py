@@ -10,7 +10,10 @@ import warnings
 import numpy as np
 import torch
 
-from .checkpoint import convert, read_state_dict
+from .checkpoint import OFFICIAL_FILENAME, OFFICIAL_WEIGHTS_URL, CheckpointError, convert, read_state_dict
+from .download import (CONVERT_DTYPES, DEFAULT_DIR, DEFAULT_MODEL, DownloadError, TransferMeter, download_official,
+                       size_text)
+from .integrity import forget
 from .pipeline import upscale
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,10 +78,19 @@ def _embedder(args, dtype, device):
     return load_clip(args.model if args.clip == "embedded" else args.clip, dtype=dtype, device=device)
 
 
+def _default_model() -> str:
+    """--model omitted: the file `download` writes, or an error naming the command that fetches it."""
+    if not os.path.isfile(DEFAULT_MODEL):
+        raise SystemExit(f"No --model given, and the default weights {DEFAULT_MODEL} are not in {os.getcwd()}. "
+                         "Fetch them once with:\n  python -m infdit_core download\nor pass --model FILE.")
+    return DEFAULT_MODEL
+
+
 def cmd_upscale(args):
     from .checkpoint import load_model
 
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    args.model = args.model or _default_model()
     model = load_model(args.model, dtype=dtype, device=device)
     block_batch = "auto" if args.block_batch == "auto" else int(args.block_batch)
     fixed_vector = _load_vector(args.clip_vector) if args.clip_vector else None
@@ -109,6 +121,31 @@ def cmd_convert(args):
           f"source sha256 {meta['source_sha256'][:12]}...)")
 
 
+def cmd_download(args):
+    try:
+        path = download_official(args.to, url=args.url, convert_to=args.convert, progress=TransferMeter())
+    except (DownloadError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: what arrived is kept in {os.path.join(args.to, OFFICIAL_FILENAME)}.part; the same "
+              "command resumes it.", file=sys.stderr)
+        raise SystemExit(130)
+    pickle = os.path.join(args.to, OFFICIAL_FILENAME)
+    if path != pickle and os.path.isfile(pickle):
+        size = size_text(os.path.getsize(pickle))
+        if args.delete_pickle is None and sys.stdin.isatty():
+            answer = input(f"{path} holds everything the upscaler needs. Delete the official {pickle} ({size})? [y/N] ")
+            args.delete_pickle = answer.strip().lower() in ("y", "yes")
+        if args.delete_pickle:
+            forget(pickle)
+            print(f"deleted {pickle}", file=sys.stderr)
+        else:
+            print(f"kept {pickle} ({size}); --delete-pickle removes it after converting.", file=sys.stderr)
+    model = "" if path == DEFAULT_MODEL else f" --model {path}"
+    print(f"ready: {path}\nupscale with: python -m infdit_core upscale photo.png -o out/{model} --clip embedded")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m infdit_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,10 +156,23 @@ def main(argv=None):
     c.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep)")
     c.set_defaults(run=cmd_convert)
 
+    d = sub.add_parser("download", help="fetch the official checkpoint (~2 GB; resumable, verified), then convert it")
+    d.add_argument("--to", default=DEFAULT_DIR, help=f"folder to put it in (default {DEFAULT_DIR})")
+    d.add_argument("--convert", choices=[*CONVERT_DTYPES, "none"], default="bf16",
+                   help="also write infdit_<dtype>.safetensors (default bf16); none keeps only the official .pt")
+    d.add_argument("--url", default=OFFICIAL_WEIGHTS_URL, help="where to fetch it from (a mirror); default: the "
+                                                               "link in the THUDM/Inf-DiT README")
+    keep = d.add_mutually_exclusive_group()
+    keep.add_argument("--delete-pickle", dest="delete_pickle", action="store_true",
+                      help="delete the official .pt once converted (asked when run in a terminal)")
+    keep.add_argument("--keep-pickle", dest="delete_pickle", action="store_false", help="keep it, without asking")
+    d.set_defaults(run=cmd_download, delete_pickle=None)
+
     u = sub.add_parser("upscale", help="upscale images or folders of images")
     u.add_argument("inputs", nargs="+", help="image files and/or folders")
     u.add_argument("-o", "--output", required=True, help="output folder (or a file name for one input)")
-    u.add_argument("--model", required=True, help="Inf-DiT weights (.safetensors or official .pt)")
+    u.add_argument("--model", help=f"Inf-DiT weights (.safetensors or official .pt); default {DEFAULT_MODEL}, "
+                                   "which `python -m infdit_core download` writes")
     u.add_argument("--scale", type=float, default=4.0, help="upscale factor; above 4 runs chained passes")
     u.add_argument("--steps", type=int, default=20)
     u.add_argument("--seed", type=int, default=0)
