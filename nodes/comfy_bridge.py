@@ -67,6 +67,15 @@ def folder_dirs(folder: str) -> list[str]:
     return [os.path.join(os.environ.get(MODELS_DIR_ENV, "models"), folder)]
 
 
+def download_dir(folder: str) -> str:
+    """Where a download for `folder` goes: ComfyUI's own models/<folder> (not a path from
+    extra_model_paths.yaml, which may be a shared read-only store), else the fallback folder."""
+    folder_paths = _optional_import("folder_paths")
+    if folder_paths is not None:
+        return os.path.join(folder_paths.models_dir, folder)
+    return folder_dirs(folder)[0]
+
+
 def list_files(folder: str) -> list[str]:
     """Model files of `folder`, relative to its directories, sorted (subfolders with '/')."""
     folder_paths = _optional_import("folder_paths")
@@ -200,8 +209,8 @@ def preview_image(estimate: torch.Tensor, out_hw: tuple[int, int], max_size: int
 class _LogProgress:
     """Stand-in for comfy.utils.ProgressBar outside ComfyUI: a log line every 10%."""
 
-    def __init__(self, total: int):
-        self.total = total
+    def __init__(self, total: int, unit: str):
+        self.total, self.unit = total, unit
         self._logged = -1
 
     def update_absolute(self, value, total=None, preview=None):
@@ -209,13 +218,14 @@ class _LogProgress:
         tenth = 10 * value // max(1, self.total)
         if tenth != self._logged:
             self._logged = tenth
-            log.info("Inf-DiT: %d/%d blocks", value, self.total)
+            log.info("Inf-DiT: %d/%d %s", value, self.total, self.unit)
 
 
-def progress_bar(total: int):
-    """comfy.utils.ProgressBar (each update is also an interrupt point) or a logging stand-in."""
+def progress_bar(total: int, unit: str = "blocks"):
+    """comfy.utils.ProgressBar (each update is also an interrupt point) or a logging stand-in that
+    names its `unit`."""
     utils = _optional_import("comfy.utils")
-    return utils.ProgressBar(total) if utils is not None else _LogProgress(total)
+    return utils.ProgressBar(total) if utils is not None else _LogProgress(total, unit)
 
 
 class ProgressReporter:

@@ -10,6 +10,7 @@ from ..infdit_core import CheckpointError, ClipEmbedder, InfDiT, load_clip
 from ..infdit_core.checkpoint import (CLIP_VISUAL_PREFIX, OFFICIAL_WEIGHTS_URL, build_model,
                                       missing_weights_message, read_state_dict)
 from . import comfy_bridge as bridge
+from .weights_download import DOWNLOAD_ENTRY, download_weights, model_choices
 
 CATEGORY = "image/upscaling/Inf-DiT"
 FOLDER_HINT = "ComfyUI/models/infdit"
@@ -36,7 +37,7 @@ def _searched(folder: str) -> str:
 
 
 def load_infdit(model_name: str, weight_dtype: str = "auto") -> InfDiTModel:
-    path = bridge.find_file(bridge.INFDIT_FOLDER, model_name)
+    path = download_weights() if model_name == DOWNLOAD_ENTRY else bridge.find_file(bridge.INFDIT_FOLDER, model_name)
     if path is None:
         raise FileNotFoundError(missing_weights_message(
             model_name, f"{FOLDER_HINT} (searched: {_searched(bridge.INFDIT_FOLDER)})"))
@@ -87,13 +88,23 @@ class InfDiTModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model_name": (bridge.list_files(bridge.INFDIT_FOLDER), {
-                "tooltip": "Inf-DiT checkpoint in ComfyUI/models/infdit (official .pt or converted .safetensors)."}),
+            "model_name": (model_choices(), {
+                "tooltip": "Inf-DiT checkpoint in ComfyUI/models/infdit (official .pt or converted .safetensors). "
+                           f"While there is none, '{DOWNLOAD_ENTRY}' fetches the official one there (progress "
+                           "bar; cancel keeps the partial file, the next run resumes it) and converts it to bf16."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {
                 "default": "auto",
                 "tooltip": "Precision of the weights. auto: bf16 (what Inf-DiT was trained in) where the GPU supports "
                            "it, else fp16, fp32 on CPU. bf16/fp16 halve the memory of fp32."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name):
+        # Replaces ComfyUI's list check for model_name: the download entry, once used, is no longer
+        # listed but must stay valid for the workflows that picked it.
+        if model_name == DOWNLOAD_ENTRY or model_name in bridge.list_files(bridge.INFDIT_FOLDER):
+            return True
+        return f"'{model_name}' is not in {FOLDER_HINT} (searched: {_searched(bridge.INFDIT_FOLDER)})"
 
     def load(self, model_name, weight_dtype):
         return (load_infdit(model_name, weight_dtype),)

@@ -23,11 +23,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import load_pack
 from infdit_core import download, load_model
 from infdit_core.__main__ import main
 from infdit_core.checkpoint import OFFICIAL_FILENAME, ROPE_PREFIX, read_state_dict
 from infdit_core.integrity import RECORD_SUFFIX, record
 
+PACK = load_pack()
+NODES = PACK.NODE_CLASS_MAPPINGS
+bridge = sys.modules[PACK.__name__ + ".nodes.comfy_bridge"]
+node_download = sys.modules[PACK.__name__ + ".nodes.weights_download"]
+pack_download = sys.modules[PACK.__name__ + ".infdit_core.download"]  # the pack's own copy of the engine
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
@@ -84,8 +90,9 @@ def local_and_quick(monkeypatch):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.upper(), raising=False)
     monkeypatch.setattr(sys, "stdin", io.StringIO())  # not a terminal: never a prompt
-    monkeypatch.setattr(download, "BACKOFF_S", 0.01)
-    monkeypatch.setattr(download, "TIMEOUT_S", 10.0)
+    for module in (download, pack_download):
+        monkeypatch.setattr(module, "BACKOFF_S", 0.01)
+        monkeypatch.setattr(module, "TIMEOUT_S", 10.0)
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +264,60 @@ def test_upscale_defaults_to_the_downloaded_model(golden_dir, tmp_path, monkeypa
     with pytest.warns(UserWarning, match="zero"):
         main(["upscale", "in.png", "-o", "out", "--steps", "1", "--dtype", "fp32", "--device", "cpu"])
     assert Image.open("out/in_x4.png").size == (36, 28)
+
+
+# --- the ComfyUI node's download entry, outside ComfyUI (the bridge's fallbacks) -----------------
+
+
+class Interrupted(Exception):
+    """Like ComfyUI's InterruptProcessingException: raised from the progress bar's hook."""
+
+
+class ByteBar:
+    def __init__(self, raise_at=None):
+        self.updates, self.raise_at = [], raise_at
+
+    def factory(self, total, unit="blocks"):
+        self.created = (total, unit)
+        return self
+
+    def update_absolute(self, value, total=None, preview=None):
+        self.updates.append((value, total))
+        if self.raise_at is not None and len(self.updates) >= self.raise_at:
+            raise Interrupted
+
+
+def test_node_download_entry_cancel_resume_and_load(server, official_bytes, tmp_path, monkeypatch):
+    loader = NODES["InfDiTModelLoader"]
+    entry = node_download.DOWNLOAD_ENTRY
+
+    def choices():
+        return loader.INPUT_TYPES()["required"]["model_name"][0]
+
+    monkeypatch.setenv("INFDIT_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setattr(node_download, "OFFICIAL_WEIGHTS_URL", url(server))
+    chunk = 1 << 18
+    monkeypatch.setattr(pack_download, "CHUNK_BYTES", chunk)
+    server.routes["/official.pt"] = Route(official_bytes)
+    assert choices() == [entry] and server.seen == []  # listing it fetches nothing
+
+    monkeypatch.setattr(bridge, "progress_bar", ByteBar(raise_at=3).factory)
+    with pytest.raises(Interrupted):
+        loader().load(entry, "fp32")
+    folder = tmp_path / "models" / "infdit"
+    assert os.listdir(folder) == [OFFICIAL_FILENAME + ".part"]
+    assert (folder / (OFFICIAL_FILENAME + ".part")).stat().st_size == 3 * chunk
+    assert choices() == [entry]  # a partial file is not a model
+
+    bar = ByteBar()
+    monkeypatch.setattr(bridge, "progress_bar", bar.factory)
+    model = loader().load(entry, "fp32")[0]
+    assert server.seen[-1][1] == f"bytes={3 * chunk}-"
+    assert bar.created == (len(official_bytes), "bytes") and bar.updates[-1] == (len(official_bytes),) * 2
+    assert model.path == str(folder / "infdit_bf16.safetensors") and model.model.dtype == torch.float32
+
+    assert entry not in choices() and "infdit_bf16.safetensors" in choices()
+    assert loader.VALIDATE_INPUTS(entry) is True  # a workflow saved with the entry still runs
+    assert "not in ComfyUI/models/infdit" in loader.VALIDATE_INPUTS("other.pt")
+    requests = len(server.seen)
+    assert loader().load(entry, "fp32")[0].path == model.path and len(server.seen) == requests
