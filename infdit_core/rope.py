@@ -17,19 +17,61 @@ from torch import nn
 THETA = 10000.0
 
 
+def official_frequencies(head_dim: int, theta: float = THETA) -> torch.Tensor:
+    """The official (EVA) base frequencies of one axis half, float32: head_dim/4 values,
+    `1 / theta ** (arange(0, d, 2)[: d // 2].float() / d)` with d = head_dim/2, op for op."""
+    d = head_dim // 2
+    return 1 / theta ** (torch.arange(0, d, 2)[: d // 2].float() / d)
+
+
 def axis_frequencies(head_dim: int) -> torch.Tensor:
     """Per-channel frequency of one axis half (head_dim/2 values, each pair shares one)."""
-    half = head_dim // 2
-    theta = THETA ** (-torch.arange(0, half, 2, dtype=torch.float32) / half)
-    return theta.repeat_interleave(2)
+    return official_frequencies(head_dim).repeat_interleave(2)
+
+
+def table_positions(positions: torch.Tensor, size: int) -> torch.Tensor:
+    """Integer positions as the official table holds them: `p / size * size` in float32 (equal to p
+    for a power-of-two size, possibly off by one rounding otherwise), after wrapping modulo size."""
+    return (positions % size).to(torch.float32) / size * size
 
 
 def rope_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, modulo: int) -> torch.Tensor:
-    """Angles [..., head_dim] in float32 for integer positions (taken modulo `modulo`)."""
+    """Angles [..., head_dim] in float32 for integer positions (taken modulo `modulo`), equal to the
+    official table's angles at (row, col)."""
     freqs = axis_frequencies(head_dim).to(rows.device)
-    rows = (rows % modulo).to(torch.float32)
-    cols = (cols % modulo).to(torch.float32)
+    rows = table_positions(rows, modulo)
+    cols = table_positions(cols, modulo)
     return torch.cat([rows[..., None] * freqs, cols[..., None] * freqs], dim=-1)
+
+
+def official_angles(rows, size: int, head_dim: int, theta: float = THETA) -> torch.Tensor:
+    """Rows `rows` of the official angle table [len(rows), size, head_dim], float32, computed as the
+    official code does: positions `arange(size) / size * size`, `f = einsum('t,f->tf', positions,
+    freqs)` with each frequency repeated on two adjacent channels, `angle[r, c] = cat(f[r], f[c])`."""
+    t = torch.arange(size) / size * size
+    f = torch.einsum("t,f->tf", t, official_frequencies(head_dim, theta)).repeat_interleave(2, dim=-1)
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    return torch.cat([f[rows][:, None, :].expand(-1, size, -1), f[None].expand(len(rows), -1, -1)], dim=-1)
+
+
+def table_tolerance(angles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-entry tolerance for a stored cos/sin table against cos/sin of `angles` (float32).
+
+    Float32 angles carry a rounding error of about |angle| * 2^-24 per operation (frequency, position,
+    product), and other ways of computing them (float64, another device's pow) differ by a few of those:
+    2^-20 * (|angle| + 1) allows 16, about 1e-3 at the released table's largest angle (1023 rad).
+    Plus one epsilon of the table's dtype for the rounding of the stored values (<= eps/2 for |v| <= 1).
+    A wrong table (other theta, half-split pairs, row/column halves swapped) differs by O(1) somewhere."""
+    return 2.0 ** -20 * (angles.abs() + 1) + torch.finfo(dtype).eps
+
+
+def value_precision(table: torch.Tensor) -> torch.dtype:
+    """The dtype whose rounding the values carry: a wider table whose values are all exactly bf16 (or
+    fp16) values was up-cast from one (e.g. the bf16 release converted to float32)."""
+    for narrow in (torch.bfloat16, torch.float16):
+        if table.dtype.itemsize > narrow.itemsize and torch.equal(table.to(narrow).to(table.dtype), table):
+            return narrow
+    return table.dtype
 
 
 def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -52,13 +94,16 @@ class RotaryTable(nn.Module):
         self.register_buffer("_probe", torch.empty(0), persistent=False)
 
     def tables(self, dtype=torch.float32) -> dict[str, torch.Tensor]:
-        pos = torch.arange(self.size)
-        angles = rope_angles(pos[:, None].expand(-1, self.size), pos[None, :].expand(self.size, -1),
-                             self.head_dim, self.size)
+        angles = official_angles(range(self.size), self.size, self.head_dim)
         return {"freqs_cos": angles.cos().to(dtype), "freqs_sin": angles.sin().to(dtype)}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # Same dtype as the rest of the model, as the official buffers are cast with it.
+        if self._probe.is_meta:  # a model being planned (the loader's key check): shapes only
+            for name in self.KEYS:
+                destination[prefix + name] = torch.empty((self.size, self.size, self.head_dim),
+                                                         dtype=self._probe.dtype, device="meta")
+            return
         for name, table in self.tables(self._probe.dtype).items():
             destination[prefix + name] = table
 
@@ -79,13 +124,13 @@ class RotaryTable(nn.Module):
                 error_msgs.append(f"{prefix + name}: values differ from the official 2D RoPE table")
 
     def _matches(self, name: str, table: torch.Tensor) -> bool:
-        # Check a few rows (first, second, middle, last): a full compare would allocate the
-        # whole fp32 table for nothing.
+        # Check a few rows (first, second, middle, last) against the official formula: a full
+        # compare would allocate the whole fp32 table for nothing.
+        if not table.is_floating_point():
+            return False
         rows = sorted({0, 1, self.size // 2, self.size - 1})
-        pos_r = torch.tensor(rows)[:, None].expand(-1, self.size)
-        pos_c = torch.arange(self.size)[None, :].expand(len(rows), -1)
-        angles = rope_angles(pos_r, pos_c, self.head_dim, self.size)
+        angles = official_angles(rows, self.size, self.head_dim)
         ref = angles.cos() if name == "freqs_cos" else angles.sin()
-        got = table[rows].to(torch.float32)
-        tol = 1e-5 if table.dtype == torch.float32 else 1e-2
-        return bool(torch.allclose(got, ref, atol=tol, rtol=0))
+        got = table[rows].cpu()
+        tol = table_tolerance(angles, value_precision(got))
+        return bool(((got.to(torch.float32) - ref).abs() <= tol).all())
