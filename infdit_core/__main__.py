@@ -122,16 +122,18 @@ def cmd_convert(args):
 
 
 def cmd_download(args):
+    meter = TransferMeter()
+    pickle = os.path.join(args.to, OFFICIAL_FILENAME)
     try:
-        path = download_official(args.to, url=args.url, convert_to=args.convert, progress=TransferMeter())
+        path = download_official(args.to, url=args.url, convert_to=args.convert, progress=meter, say=meter.say)
     except (DownloadError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        meter.say(f"error: {error}")
         raise SystemExit(1)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: what arrived is kept in {os.path.join(args.to, OFFICIAL_FILENAME)}.part; the same "
-              "command resumes it.", file=sys.stderr)
+        kept = f": what arrived is kept in {pickle}.part, and the same command resumes it" \
+            if os.path.exists(pickle + ".part") else ""
+        meter.say(f"interrupted{kept}.")
         raise SystemExit(130)
-    pickle = os.path.join(args.to, OFFICIAL_FILENAME)
     if path != pickle and os.path.isfile(pickle):
         size = size_text(os.path.getsize(pickle))
         if args.delete_pickle is None and sys.stdin.isatty():

@@ -117,14 +117,14 @@ def _read(response, url: str) -> bytes:
         raise _network_error(url, error) from None
 
 
-def _transfer(url: str, part: str, progress: Optional[Progress], say: Callable[[str], None], timeout: float) -> None:
+def _transfer(url: str, part: str, progress: Optional[Progress], say: Callable[[str], None]) -> None:
     """Append the rest of `url` to `part` (from its current size); _Transient if the transfer is cut."""
     have = os.path.getsize(part) if os.path.exists(part) else 0
     headers = {"User-Agent": USER_AGENT, **({"Range": f"bytes={have}-"} if have else {})}
     # A fresh opener per transfer: its ProxyHandler reads the proxy variables now, not at first use.
     opener = urllib.request.build_opener()
     try:
-        response = opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
+        response = opener.open(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
     except urllib.error.HTTPError as error:
         if error.code == 416 and have:  # nothing after `have`: the part may already be whole
             if error.headers.get("Content-Range", "").strip() == f"bytes */{have}":
@@ -183,21 +183,27 @@ def _verify(part: str, url: str) -> None:
                             f"was deleted:\n{error}") from None
 
 
+def _kept(part: str) -> str:
+    if not os.path.exists(part):
+        return ""
+    return (f" The {size_text(os.path.getsize(part))} received so far are kept in {part}: run the download again "
+            "to resume.")
+
+
 def fetch(url: str, destination: str, *, progress: Optional[Progress] = None,
-          say: Callable[[str], None] = _stderr, timeout: float = TIMEOUT_S) -> str:
+          say: Callable[[str], None] = _stderr) -> str:
     """Download `url` to `destination` through `destination.part` (resumed if present), retrying
     transient failures with back-off, verify it and record its hash. Returns `destination`."""
     part = destination + ".part"
     for attempt in range(RETRIES + 1):
         try:
-            _transfer(url, part, progress, say, timeout)
+            _transfer(url, part, progress, say)
             break
+        except DownloadError as error:
+            raise DownloadError(f"{error}{_kept(part)}") from None
         except _Transient as error:
             if attempt == RETRIES:
-                kept = f" The {size_text(os.path.getsize(part))} received are kept in {part}" \
-                       if os.path.exists(part) else ""
-                raise DownloadError(f"Download failed after {RETRIES + 1} attempts: {error}.{kept}; run the same "
-                                    "command again to resume.") from None
+                raise DownloadError(f"Download failed after {RETRIES + 1} attempts: {error}.{_kept(part)}") from None
             delay = BACKOFF_S * 2 ** attempt
             say(f"{error}; retrying in {delay:g} s ({attempt + 1}/{RETRIES})")
             time.sleep(delay)
@@ -221,8 +227,12 @@ def _verified(path: str, say: Callable[[str], None]) -> bool:
         say(f"{difference}: replacing it.")
         return False
     if read_record(path) is None:
-        sd, _ = read_state_dict(path)
-        check_state_dict(sd, path)
+        try:
+            sd, _ = read_state_dict(path)
+            check_state_dict(sd, path)
+        except CheckpointError as error:
+            raise DownloadError(f"{path} is already there but is not usable:\n{error}\nThe download did not put it "
+                                "there, so it is left alone: move or delete it, then run the download again.") from None
         record(path, source="found in place")
     say(f"{path} is already there and verified.")
     return True
@@ -268,6 +278,12 @@ class TransferMeter:
         self.clock, self.interval_s = clock, interval_s
         self.start = None  # (time, bytes) of the first call: a resumed transfer's speed counts new bytes only
         self.last = None
+        self.open_line = False  # a terminal line being rewritten, which a message must end first
+
+    def say(self, message: str):
+        """A message between progress lines."""
+        self.stream.write(("\n" if self.open_line else "") + message + "\n")
+        self.open_line = False
 
     def __call__(self, done: int, total: Optional[int]):
         now = self.clock()
@@ -286,3 +302,4 @@ class TransferMeter:
         text += f"  ETA {_duration((total - done) / speed)}" if total and speed and not finished else ""
         self.stream.write(f"\r{text:<64}" + ("\n" if finished else "") if tty else text + "\n")
         self.stream.flush()
+        self.open_line = tty and not finished

@@ -161,7 +161,7 @@ def test_persistent_cuts_keep_the_partial_for_later(server, official_bytes, tmp_
     monkeypatch.setattr(download, "RETRIES", 2)
     server.routes["/official.pt"] = Route(official_bytes, cuts=[1000] * 3)
     code, err = run_download(capsys, "--to", tmp_path, "--url", url(server), "--convert", "none")
-    assert code == 1 and "failed after 3 attempts" in err and "run the same command again to resume" in err
+    assert code == 1 and "failed after 3 attempts" in err and "run the download again to resume" in err
     assert os.listdir(tmp_path) == [OFFICIAL_FILENAME + ".part"]
     assert (tmp_path / (OFFICIAL_FILENAME + ".part")).stat().st_size == 3000
 
@@ -188,6 +188,13 @@ def test_what_is_not_the_checkpoint_is_rejected_and_deleted(server, official_byt
     code, err = run_download(capsys, "--to", to, "--url", url(server))
     assert code == 1 and expected in err and "error: " in err
     assert not to.exists() or os.listdir(to) == []
+
+
+def test_a_file_already_there_is_checked_and_left_alone(server, tmp_path, capsys):
+    (tmp_path / OFFICIAL_FILENAME).write_bytes(b"half a browser download")
+    code, err = run_download(capsys, "--to", tmp_path, "--url", url(server), "--convert", "none")
+    assert code == 1 and "already there but is not usable" in err and "move or delete it" in err
+    assert (tmp_path / OFFICIAL_FILENAME).read_bytes() == b"half a browser download" and server.seen == []
 
 
 def test_404_is_final_and_clear(server, tmp_path, capsys):
@@ -232,6 +239,20 @@ def test_transfer_meter_reports_size_speed_and_eta():
     lines = stream.getvalue().splitlines()
     assert lines == ["0 B / 4.0 MB (0%)", "1.0 MB / 4.0 MB (25%)  1.0 MB/s  ETA 0:03",
                      "3.0 MB / 4.0 MB (75%)  1.0 MB/s  ETA 0:01", "4.0 MB / 4.0 MB (100%)  1.0 MB/s"]
+
+
+def test_transfer_meter_on_a_terminal_rewrites_one_line_and_ends_it_for_messages():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    meter = download.TransferMeter(stream, clock=iter([0.0, 0.1, 0.5]).__next__, interval_s=0.25)
+    meter(0, 100)
+    meter(10, 100)  # within the same quarter second: not drawn
+    meter(50, 100)
+    meter.say("retrying")
+    assert stream.getvalue() == f"\r{'0 B / 100 B (0%)':<64}\r{'50 B / 100 B (50%)  100 B/s  ETA 0:00':<64}\nretrying\n"
 
 
 # --- later loads and the upscale default ----------------------------------------------------------
