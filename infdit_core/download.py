@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Callable, Optional
 
@@ -69,7 +70,7 @@ def _stderr(message: str) -> None:
 
 def _network_error(url: str, reason) -> Exception:
     """A URLError's reason as a retryable _Transient or a final DownloadError with advice."""
-    host = urllib.request.urlparse(url).netloc
+    host = urllib.parse.urlsplit(url).netloc
     proxy = " (or the proxy named in $https_proxy / $http_proxy)" if urllib.request.getproxies() else ""
     if isinstance(reason, ConnectionRefusedError):
         return DownloadError(f"Connection refused by {host}{proxy}: nothing accepts connections there. "
