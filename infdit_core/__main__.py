@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -13,8 +14,11 @@ import torch
 from .checkpoint import OFFICIAL_FILENAME, OFFICIAL_WEIGHTS_URL, CheckpointError, convert, read_state_dict
 from .download import (CONVERT_DTYPES, DEFAULT_DIR, DEFAULT_MODEL, DownloadError, TransferMeter, download_official,
                        size_text)
+from .imageio import read_image, write_image
 from .integrity import forget
-from .pipeline import upscale
+from .launch import start
+from .offload import MODES
+from .pipeline import Resume, upscale
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -26,26 +30,6 @@ def _inputs(paths):
             yield from sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
         else:
             yield path
-
-
-def read_image(path: str) -> torch.Tensor:
-    """[1, C, h, w] in [0, 1]; C = 4 for images with transparency, 1 for grayscale, else 3."""
-    from PIL import Image  # ships with torchvision
-
-    with Image.open(path) as img:
-        mode = "RGBA" if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info else \
-            "L" if img.mode in ("L", "I;16", "I") else "RGB"
-        array = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
-    array = array[..., None] if array.ndim == 2 else array
-    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
-
-
-def write_image(image: torch.Tensor, path: str):
-    """Quantised by truncation, as the official script (and ComfyUI's SaveImage) do."""
-    from PIL import Image
-
-    array = (image[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255.0).astype(np.uint8)
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
 
 
 class ProgressBar:
@@ -87,9 +71,34 @@ def _default_model() -> str:
 
 
 def cmd_upscale(args):
+    launch = start(args.device, args.timeout)
+    try:
+        _upscale_all(args, launch)
+    except Exception as error:
+        if launch.world == 1:
+            raise
+        # Name the failing rank; torchrun then tears the group down and exits non-zero.
+        print(f"infdit: rank {launch.rank} of {launch.world} failed: {type(error).__name__}: {error}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    finally:
+        launch.close()
+
+
+def _parallel_mode(args, paths, world) -> str:
+    if world == 1:
+        return "single"
+    if args.parallel == "auto":
+        # Whole images per rank while there are enough to go round; else every rank shares each image.
+        return "images" if len(paths) >= world else "strips"
+    return args.parallel
+
+
+def _upscale_all(args, launch):
     from .checkpoint import load_model
 
-    dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    logging.basicConfig(level=logging.INFO if launch.rank == 0 else logging.WARNING, format="%(message)s")
+    dtype, device = DTYPES[args.dtype], launch.device
     args.model = args.model or _default_model()
     model = load_model(args.model, dtype=dtype, device=device)
     block_batch = "auto" if args.block_batch == "auto" else int(args.block_batch)
@@ -98,21 +107,30 @@ def cmd_upscale(args):
     paths = list(_inputs(args.inputs))
     if not paths:
         raise SystemExit("no input images found")
+    mode = _parallel_mode(args, paths, launch.world)
+    mine = paths[launch.rank::launch.world] if mode == "images" else paths
     single_file_out = len(paths) == 1 and os.path.splitext(args.output)[1].lower() in IMAGE_EXTENSIONS
     if not single_file_out:
         os.makedirs(args.output, exist_ok=True)
-    for path in paths:
+    resume = Resume(args.resume, args.resume_interval) if args.resume else None
+    for path in mine:
         image = read_image(path)
         rgb = image[:, :3] if image.shape[1] != 1 else image.expand(-1, 3, -1, -1)
         # Without --clip or --clip-vector, upscale() warns and uses the zero vector.
         vector = fixed_vector.expand(image.shape[0], -1) if fixed_vector is not None else \
             clip.embed_image(rgb) if clip is not None else None
         name = os.path.basename(path).split(".")[0]
+        # Progress from one process only: rank 0 (its strip paces the pipeline) or, with whole
+        # images per rank, rank 0's own images.
+        progress = ProgressBar(name) if launch.rank == 0 else None
         result = upscale(model, image, scale=args.scale, clip_vector=vector, steps=args.steps, seed=args.seed,
-                         lr_noise_init=not args.no_lr_init, block_batch=block_batch, callback=ProgressBar(name))
+                         lr_noise_init=not args.no_lr_init, block_batch=block_batch, callback=progress,
+                         offload=args.offload, group=launch.group if mode == "strips" else None, resume=resume)
+        if result is None:
+            continue  # a strip rank other than 0: rank 0 writes the image
         target = args.output if single_file_out else os.path.join(args.output, f"{name}_x{args.scale:g}.png")
-        write_image(result, target)
-        print(f"{path} -> {target} ({result.shape[-1]}x{result.shape[-2]})")
+        write_image(result, target, args.bit_depth)
+        print(f"{path} -> {target} ({result.shape[-1]}x{result.shape[-2]}, {args.bit_depth}-bit)", flush=True)
 
 
 def cmd_convert(args):
@@ -185,6 +203,16 @@ def main(argv=None):
     u.add_argument("--clip", help="CLIP weights (open_clip_pytorch_model.bin / .safetensors), or 'embedded' "
                                   "to use the image tower inside --model")
     u.add_argument("--clip-vector", help="a precomputed 768-d embedding (.safetensors or .npy)")
+    u.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="PNG bits per channel (16 for print work)")
+    u.add_argument("--offload", choices=MODES, default="auto",
+                   help="keep canvases (canvas) or canvases and K/V cache (all) in host memory; auto: only if needed")
+    u.add_argument("--parallel", choices=("auto", "images", "strips"), default="auto",
+                   help="under torchrun: whole images per rank, or every image split in strips over the ranks; "
+                        "auto: images when there are at least as many as ranks")
+    u.add_argument("--timeout", type=float, default=1800, help="seconds a rank waits on another before failing")
+    u.add_argument("--resume", metavar="DIR", help="checkpoint the sampler state in DIR and continue a job found there")
+    u.add_argument("--resume-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds between checkpoints (0 = after every step)")
     u.set_defaults(run=cmd_upscale)
 
     args = parser.parse_args(argv)
