@@ -121,7 +121,7 @@ class KVCache:
         store, spilled = self.stores[layer], self.spilled[layer]
         ranked = sorted(store, key=self._next_read)
         needed = sum(1 for source in ranked if self._next_read(source) == self.call + 1)
-        keep = set(ranked[:max(needed, self.placement.kv_device_slots)])
+        keep = set(ranked[:needed + self.placement.kv_device_slots])
         for source, (key, value) in store.items():
             if source in keep and source in spilled:
                 store[source] = (self.placement.fetch(key), self.placement.fetch(value))
