@@ -99,9 +99,10 @@ def plan(config: InfDiTConfig, H: int, W: int, block_batch: int, dtype: torch.dt
     cached = 0 if m >= blocks and world == 1 else (strip + 1 + (world > 1)) * kv_block
     kv_device = cached
     if offload == "all":
-        # The next call's neighbours (the call's blocks plus one) and the extra slots stay on the
-        # device; the rest of the line waits on the host.
-        kv_device = min(cached, (kv_device_slots + m + 1) * kv_block)
+        # The next call's neighbours and the extra slots stay on the device; the rest of the line
+        # waits on the host. m consecutive blocks read up to m + 1 blocks of the previous line (top
+        # and top-left) and the left neighbour of the first one, which this call computed.
+        kv_device = min(cached, (kv_device_slots + m + 2) * kv_block)
     canvas_bytes = CANVASES * batch * 3 * long * s * strip * s * 4
     # Block inputs and outputs staged for one call when the canvases live on the host.
     staging = m * (6 + 3 + 3) * s * s * 4 if offload != "off" else 0
