@@ -56,10 +56,14 @@ def _load_vector(path: str) -> torch.Tensor:
 
 
 def _embedder(args, dtype, device):
-    if not args.clip:
+    from .clip import has_image_tower, load_clip
+
+    choice = args.clip
+    if choice is None and has_image_tower(args.model):
+        choice = "embedded"  # a converted official file carries CLIP's image tower: use it by default
+    if not choice:
         return None
-    from .clip import load_clip
-    return load_clip(args.model if args.clip == "embedded" else args.clip, dtype=dtype, device=device)
+    return load_clip(args.model if choice == "embedded" else choice, dtype=dtype, device=device)
 
 
 def _default_model() -> str:
@@ -116,7 +120,7 @@ def _upscale_all(args, launch):
     for path in mine:
         image = read_image(path)
         rgb = image[:, :3] if image.shape[1] != 1 else image.expand(-1, 3, -1, -1)
-        # Without --clip or --clip-vector, upscale() warns and uses the zero vector.
+        # Without a CLIP (none given, none inside --model) upscale() warns and uses the zero vector.
         vector = fixed_vector.expand(image.shape[0], -1) if fixed_vector is not None else \
             clip.embed_image(rgb) if clip is not None else None
         name = os.path.basename(path).split(".")[0]
@@ -163,7 +167,7 @@ def cmd_download(args):
         else:
             print(f"kept {pickle} ({size}); --delete-pickle removes it after converting.", file=sys.stderr)
     model = "" if path == DEFAULT_MODEL else f" --model {path}"
-    print(f"ready: {path}\nupscale with: python -m infdit_core upscale photo.png -o out/{model} --clip embedded")
+    print(f"ready: {path}\nupscale with: python -m infdit_core upscale photo.png -o out/{model}")
 
 
 def main(argv=None):
@@ -201,7 +205,8 @@ def main(argv=None):
     u.add_argument("--dtype", choices=sorted(DTYPES), default="fp32" if not torch.cuda.is_available() else "bf16")
     u.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     u.add_argument("--clip", help="CLIP weights (open_clip_pytorch_model.bin / .safetensors), or 'embedded' "
-                                  "to use the image tower inside --model")
+                                  "to use the image tower inside --model (the default when a .safetensors "
+                                  "--model has one)")
     u.add_argument("--clip-vector", help="a precomputed 768-d embedding (.safetensors or .npy)")
     u.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="PNG bits per channel (16 for print work)")
     u.add_argument("--offload", choices=MODES, default="auto",
