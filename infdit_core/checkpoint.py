@@ -13,7 +13,7 @@ import json
 import os
 import struct
 import warnings
-from typing import Mapping, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 
@@ -92,8 +92,13 @@ def safe_torch_load(path: str):
         raise
 
 
-def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and safetensors metadata of a file, without executing anything it contains."""
+def read_state_dict(path: str, select: Optional[Callable[[list[str]], list[str]]] = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and safetensors metadata of a file, without executing anything it contains.
+
+    `select(keys)` names the keys to keep (default: all); it may refuse the file by raising a
+    CheckpointError. For a safetensors file it is asked from the header, before any tensor data is
+    read, so a part of a large file costs only that part."""
     if not os.path.isfile(path):
         raise FileNotFoundError(missing_weights_message(path))
     if (difference := changed(path)) is not None:
@@ -106,14 +111,16 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         if kind == "safetensors":
             from safetensors import safe_open
             with safe_open(path, framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+                keys = list(f.keys())
+                return {k: f.get_tensor(k) for k in (select(keys) if select else keys)}, dict(f.metadata() or {})
         obj = safe_torch_load(path)
     except CheckpointError:
         raise
     except Exception as e:
         raise CheckpointError(f"Could not read {path}: the file is truncated or corrupt ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]}). Download it again.") from None
-    return unwrap_state_dict(obj, path), {}
+    sd = unwrap_state_dict(obj, path)
+    return ({k: sd[k] for k in select(list(sd))} if select else sd), {}
 
 
 def unwrap_state_dict(obj, name: str = "state dict") -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from open_clip.model import CLIP, _build_vision_tower
 from open_clip.tokenizer import SimpleTokenizer
 from safetensors import safe_open
 
-from .checkpoint import safe_torch_load
+from .checkpoint import OFFICIAL_FILENAME, CheckpointError, read_state_dict
 
 CLIP_FILENAME = "open_clip_pytorch_model.bin"
 CLIP_FOLDER = "models/clip_vision"
@@ -53,6 +53,11 @@ VIT_L_14 = {
 }
 
 INFDIT_PREFIX = "image_encoder.model."
+# Where a CLIP image tower's keys start: in an open_clip file, in an Inf-DiT file.
+IMAGE_TOWER_PREFIXES = ("visual.", INFDIT_PREFIX + "visual.")
+# Key prefixes only an Inf-DiT file has (its DiT, its CLIP part).
+_INFDIT_MARKERS = ("transformer.layers.", "mixins.", "image_encoder.")
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 # Text-side tensors that survive in Inf-DiT checkpoints after the official code deleted the text
 # transformer and ln_final: useless without the rest of the text tower.
 TEXT_LEFTOVERS = frozenset(
@@ -73,25 +78,39 @@ def _missing_file_message(path: str) -> str:
     )
 
 
-def _read_file(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(_missing_file_message(path))
-    if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-            # A converted Inf-DiT file also holds the DiT weights: read only the CLIP part.
-            if any(k.startswith(INFDIT_PREFIX) for k in keys):
-                keys = [k for k in keys if k.startswith(INFDIT_PREFIX)]
-            return {k: f.get_tensor(k) for k in keys}
-    # Shared with the Inf-DiT loader: weights_only=True, training bookkeeping dropped, anything
-    # else refused, so a pickle from the internet cannot run code.
-    obj = safe_torch_load(path)
-    # Official (DeepSpeed/SAT) files wrap the state dict in 'module'.
-    if isinstance(obj, dict) and isinstance(obj.get("module"), dict):
-        obj = obj["module"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"'{path}' holds a {type(obj).__name__}, not a state dict")
-    return obj
+def no_image_tower_message(name: str, infdit: bool = True) -> str:
+    """What to say when `name` (an Inf-DiT file unless `infdit` is False) has no CLIP image tower."""
+    what, keys = (("this Inf-DiT file has no CLIP image tower", f"{INFDIT_PREFIX}visual.*") if infdit
+                  else ("this file holds no open_clip CLIP image tower", "visual.*"))
+    return (f"{name}: {what}; pick the open_clip ViT-L-14 DataComp-XL file ({CLIP_FILENAME} from {CLIP_HF_REPO}, "
+            f"in ComfyUI's {CLIP_FOLDER} folder) or an Inf-DiT checkpoint that includes the image tower (the "
+            f"official {OFFICIAL_FILENAME} does, and so does a file converted from it). It has no {keys} keys.")
+
+
+def _holds_image_tower(keys) -> bool:
+    return any(k.startswith(IMAGE_TOWER_PREFIXES) for k in keys)
+
+
+def _clip_keys(keys: list[str], name: str) -> list[str]:
+    """The keys that hold CLIP: the image_encoder.model.* part of an Inf-DiT file, else all. A file
+    without an image tower is refused here, before its tensors are read (a DiT-only file would
+    otherwise be reported as hundreds of missing and unexpected keys)."""
+    if not _holds_image_tower(keys):
+        raise CheckpointError(no_image_tower_message(name, any(k.startswith(_INFDIT_MARKERS) for k in keys)))
+    return [k for k in keys if k.startswith(INFDIT_PREFIX)] or keys
+
+
+def has_image_tower(path: str) -> Optional[bool]:
+    """Whether the weights file `path` holds a CLIP image tower, told from its safetensors header
+    (keys only, no tensor data). None when that cannot be told cheaply: a pickle (.pt/.bin) must be
+    loaded whole, and a header that does not read is left for load_clip to report."""
+    if not path.lower().endswith(SAFETENSORS_SUFFIXES):
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            return _holds_image_tower(f.keys())
+    except Exception:  # noqa: BLE001 - any unreadable header (SafetensorError, OSError): not ours to judge
+        return None
 
 
 def _resblock_count(sd: StateDict, prefix: str) -> int:
@@ -182,7 +201,8 @@ class ClipEmbedder:
     def __init__(self, visual: torch.nn.Module, text_model: Optional[CLIP], image_size: int):
         self.visual = visual
         self._text_model = text_model  # the full open_clip CLIP (shares `visual`) or None
-        self._root = text_model if text_model is not None else visual  # the module owning all weights
+        # The module owning all weights: what a memory manager moves between devices.
+        self.module = text_model if text_model is not None else visual
         self.image_size = image_size
         self._text_cache: dict[str, torch.Tensor] = {}  # prompt -> normalised text embedding (cpu fp32)
         self._mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
@@ -199,14 +219,6 @@ class ClipEmbedder:
     @property
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
-
-    def to(self, device: Union[str, torch.device]) -> "ClipEmbedder":
-        self._root.to(device)
-        return self
-
-    def offload(self, device: Union[str, torch.device] = "cpu") -> "ClipEmbedder":
-        """CLIP runs once per image: move it off the accelerator once the embedding is computed."""
-        return self.to(device)
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """[B,3,h,w] in [0,1] -> normalised [B,3,S,S] float32, exactly torchvision's
@@ -274,9 +286,17 @@ def load_clip(source: Union[str, os.PathLike, StateDict], *, dtype: torch.dtype 
     `config`: open_clip model config entries ({"embed_dim", "vision_cfg", "text_cfg"}) overriding what
     is inferred from shapes; only needed for non-standard head widths (shapes cannot show heads).
     """
-    sd = _read_file(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else dict(source)
-    if any(k.startswith(INFDIT_PREFIX) for k in sd):
-        sd = {k[len(INFDIT_PREFIX):]: v for k, v in sd.items() if k.startswith(INFDIT_PREFIX)}
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(_missing_file_message(path))
+        # The Inf-DiT loader's reader: pickles loaded weights_only with nothing executed, a truncated
+        # or corrupt file reported as such, and of a converted Inf-DiT file only the CLIP part read.
+        sd, _ = read_state_dict(path, select=lambda keys: _clip_keys(keys, path))
+    else:
+        sd = {k: source[k] for k in _clip_keys(list(source), "state dict")}
+    if any(k.startswith(INFDIT_PREFIX) for k in sd):  # then all of them are (_clip_keys)
+        sd = {k[len(INFDIT_PREFIX):]: v for k, v in sd.items()}
 
     has_text = any(k.startswith(_TEXT_TOWER_MARKERS) for k in sd)
     if not has_text:

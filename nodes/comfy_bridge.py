@@ -137,9 +137,10 @@ def auto_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-class InfDiTHolder(torch.nn.Module):
-    """ModelPatcher assigns `.device` on the module it manages; InfDiT exposes `device` as a
-    read-only property, so the patcher gets this plain container instead."""
+class ModelHolder(torch.nn.Module):
+    """What a ModelPatcher manages. The patcher assigns attributes (`device`, its load bookkeeping)
+    on its module; InfDiT exposes `device` as a read-only property and open_clip's modules are not
+    ours to extend, so the patcher gets this plain container instead."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -147,15 +148,16 @@ class InfDiTHolder(torch.nn.Module):
 
 
 class ManagedModel:
-    """A model plus, inside ComfyUI, the ModelPatcher through which ComfyUI's memory manager loads
-    and evicts it like any other model (so an SDXL UNet in the same graph makes room first)."""
+    """A model (the DiT, or the CLIP embedder's module) plus, inside ComfyUI, the ModelPatcher
+    through which ComfyUI's memory manager loads, evicts and accounts for it like any other model
+    (so an SDXL UNet in the same graph makes room first, and can evict it in turn)."""
 
     def __init__(self, model: torch.nn.Module, load_device: torch.device, offload: torch.device):
         self.model = model
         self.load_device = load_device
         self.offload_device = offload
         patcher_module = _optional_import("comfy.model_patcher")
-        self.patcher = (patcher_module.ModelPatcher(InfDiTHolder(model), load_device=load_device, offload_device=offload)
+        self.patcher = (patcher_module.ModelPatcher(ModelHolder(model), load_device=load_device, offload_device=offload)
                         if patcher_module is not None else None)
 
     def load(self, memory_required: int) -> torch.nn.Module:

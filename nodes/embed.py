@@ -6,7 +6,7 @@ import torch
 from ..infdit_core import ClipEmbedder
 from ..infdit_core.clip import DEFAULT_NEGATIVE, DEFAULT_POSITIVE, PRESET_STRENGTH, blend
 from . import comfy_bridge as bridge
-from .loaders import CATEGORY
+from .loaders import CATEGORY, InfDiTClip
 
 
 def _embed_images(clip: ClipEmbedder, image: torch.Tensor) -> torch.Tensor:
@@ -15,24 +15,24 @@ def _embed_images(clip: ClipEmbedder, image: torch.Tensor) -> torch.Tensor:
     return clip.embed_image(rgb)
 
 
-def image_embedding(clip: ClipEmbedder, image: torch.Tensor, positive: str = DEFAULT_POSITIVE,
+def image_embedding(clip: InfDiTClip, image: torch.Tensor, positive: str = DEFAULT_POSITIVE,
                     negative: str = DEFAULT_NEGATIVE, strength: float = 0.0,
                     reference_image: torch.Tensor | None = None, reference_weight: float = 1.0) -> torch.Tensor:
     """INFDIT_EMBED [B, 768] (float32, CPU) for an IMAGE batch. A reference batch is blended in with
     `reference_weight` (several reference images count equally); then the text nudge is applied."""
     if not 0.0 <= reference_weight <= 1.0:
         raise ValueError(f"reference_weight must be between 0 and 1, got {reference_weight}")
-    # CLIP runs once per image: on the compute device for this moment only.
-    clip.to(bridge.compute_device())
-    try:
-        embedding = _embed_images(clip, image)
-        if reference_image is not None and reference_weight > 0:
-            references = _embed_images(clip, reference_image)
-            style = blend(list(references.split(1)), [1.0] * len(references))
-            embedding = blend([embedding, style], [1.0 - reference_weight, reference_weight])
-        embedding = clip.nudge(embedding, positive, negative, strength)
-    finally:
-        clip.offload(bridge.offload_device())
+    # ComfyUI loads CLIP like any model and evicts it when another needs the room. A ViT-L forward
+    # at 224 px needs far less than the inference memory ComfyUI always keeps free (about 1 GB), so
+    # nothing beyond the weights is asked for.
+    clip.managed.load(0)
+    embedder = clip.embedder
+    embedding = _embed_images(embedder, image)
+    if reference_image is not None and reference_weight > 0:
+        references = _embed_images(embedder, reference_image)
+        style = blend(list(references.split(1)), [1.0] * len(references))
+        embedding = blend([embedding, style], [1.0 - reference_weight, reference_weight])
+    embedding = embedder.nudge(embedding, positive, negative, strength)
     return embedding.float().cpu()
 
 

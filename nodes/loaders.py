@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..infdit_core import CheckpointError, ClipEmbedder, InfDiT, load_clip
+from ..infdit_core.clip import has_image_tower, no_image_tower_message
 from ..infdit_core.checkpoint import (CLIP_VISUAL_PREFIX, OFFICIAL_WEIGHTS_URL, build_model,
                                       missing_weights_message, read_state_dict)
 from . import comfy_bridge as bridge
@@ -30,6 +31,13 @@ class InfDiTModel:
     @property
     def model(self) -> InfDiT:
         return self.managed.model
+
+
+@dataclass
+class InfDiTClip:
+    """What travels on an INFDIT_CLIP socket: the embedder, its weights managed like the DiT's."""
+    managed: bridge.ManagedModel
+    embedder: ClipEmbedder
 
 
 def _searched(folder: str) -> str:
@@ -57,24 +65,33 @@ def load_infdit(model_name: str, weight_dtype: str = "auto") -> InfDiTModel:
     return InfDiTModel(bridge.ManagedModel(model, device, offload), path, has_clip)
 
 
-def load_infdit_clip(clip_name: str, infdit_model: InfDiTModel | None = None) -> ClipEmbedder:
+def load_infdit_clip(clip_name: str, infdit_model: InfDiTModel | None = None) -> InfDiTClip:
     device, offload = bridge.compute_device(), bridge.offload_device()
     if clip_name == EMBEDDED_CLIP:
         if infdit_model is None:
             raise ValueError(f"'{EMBEDDED_CLIP}' needs the Load Inf-DiT Model output connected to this node's "
                              "infdit_model input, or pick a CLIP file instead.")
         if not infdit_model.has_embedded_clip:
-            raise ValueError(f"{infdit_model.path} has no CLIP image tower ({CLIP_VISUAL_PREFIX}* keys). Pick the "
-                             "open_clip ViT-L-14 DataComp-XL file (open_clip_pytorch_model.bin from "
-                             "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K) in models/clip_vision instead.")
+            raise ValueError(no_image_tower_message(infdit_model.path))
         path = infdit_model.path
     else:
         path = bridge.find_file(bridge.CLIP_FOLDER, clip_name) or bridge.find_file(bridge.INFDIT_FOLDER, clip_name)
         if path is None:
             # load_clip's own error names the expected folder and where to download the file.
             path = os.path.join(bridge.folder_dirs(bridge.CLIP_FOLDER)[0], clip_name)
-    # Kept on the offload device: it runs once per image, the embed node moves it for that moment.
-    return load_clip(path, dtype=bridge.auto_dtype(device), device=offload)
+    # Built on the offload device: ComfyUI's memory manager moves it when an embedding is computed.
+    embedder = load_clip(path, dtype=bridge.auto_dtype(device), device=offload)
+    return InfDiTClip(bridge.ManagedModel(embedder.module, device, offload), embedder)
+
+
+def clip_choices() -> list[str]:
+    """Files of models/clip_vision and models/infdit that can hold CLIP weights. A safetensors file
+    without an image tower (a DiT-only Inf-DiT file, another kind of CLIP vision model) is left out,
+    told from its header alone; pickles (.pt/.bin) cannot be checked without loading them whole,
+    and files whose header does not read are kept so that loading says what is wrong with them."""
+    choices = [name for folder in (bridge.CLIP_FOLDER, bridge.INFDIT_FOLDER) for name in bridge.list_files(folder)
+               if has_image_tower(bridge.find_file(folder, name)) is not False]
+    return list(dict.fromkeys(choices))
 
 
 class InfDiTModelLoader:
@@ -120,12 +137,12 @@ class InfDiTClipLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = bridge.list_files(bridge.CLIP_FOLDER) + bridge.list_files(bridge.INFDIT_FOLDER)
         return {
-            "required": {"clip_name": ([EMBEDDED_CLIP] + list(dict.fromkeys(files)), {
+            "required": {"clip_name": ([EMBEDDED_CLIP] + clip_choices(), {
                 "tooltip": "Where the CLIP weights come from: the image tower inside the Inf-DiT checkpoint "
                            "(connect infdit_model), or an open_clip ViT-L-14 DataComp-XL file from "
-                           "models/clip_vision (the full file also has the text tower for the text nudge)."})},
+                           "models/clip_vision (the full file also has the text tower for the text nudge). "
+                           ".safetensors files without a CLIP image tower are not listed."})},
             "optional": {"infdit_model": ("INFDIT_MODEL", {
                 "tooltip": "Needed only for 'embedded in the Inf-DiT checkpoint'."})},
         }

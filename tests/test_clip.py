@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from safetensors.torch import save_file
 
-from infdit_core import ClipEmbedder, load_clip
+from infdit_core import CheckpointError, ClipEmbedder, load_clip
 from infdit_core import clip as clipmod
 
 PREFIX = "image_encoder.model."
@@ -299,8 +299,54 @@ def test_pickles_are_loaded_weights_only(ref, tmp_path):
 
 def test_file_without_state_dict_is_rejected(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.bin")
-    with pytest.raises(ValueError, match="holds a Tensor, not a state dict"):
+    with pytest.raises(ValueError, match="tensor.bin is not a checkpoint: it holds no state dict"):
         load_clip(tmp_path / "tensor.bin")
+
+
+@pytest.mark.parametrize("kind", ["bin", "safetensors"])
+def test_truncated_file_is_named_with_what_to_do(kind, files, tmp_path):
+    # What a real ComfyUI run met: a partly downloaded file gave safetensors' raw "incomplete
+    # metadata". It gets the Inf-DiT loader's treatment: the file, what is wrong, what to do.
+    data = files[kind].read_bytes()
+    path = tmp_path / files[kind].name
+    path.write_bytes(data[:len(data) * 2 // 3])
+    with pytest.raises(CheckpointError) as err:
+        load_clip(path)
+    msg = str(err.value)
+    assert str(path) in msg and "truncated or corrupt" in msg and "Download it again" in msg
+
+
+def dit_only(ref):
+    return {k: v for k, v in official_layout(ref).items() if not k.startswith(PREFIX)}
+
+
+def test_file_without_image_tower_says_what_to_pick(ref, tmp_path):
+    # A DiT-only Inf-DiT file used to fail with every CLIP key missing and every DiT key unexpected.
+    save_file(dit_only(ref), str(tmp_path / "dit_only.safetensors"))
+    torch.save({"module": dit_only(ref)}, tmp_path / "dit_only.pt")
+    for source in (tmp_path / "dit_only.safetensors", tmp_path / "dit_only.pt"):
+        with pytest.raises(CheckpointError) as err:
+            load_clip(source)
+        msg = str(err.value)
+        assert msg.startswith(f"{source}: this Inf-DiT file has no CLIP image tower; pick the open_clip")
+        assert "open_clip_pytorch_model.bin" in msg and "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K" in msg
+        assert "missing" not in msg and "unexpected" not in msg
+    # A file that is neither CLIP nor Inf-DiT.
+    with pytest.raises(CheckpointError, match="this file holds no open_clip CLIP image tower; pick"):
+        load_clip({"vision_model.embeddings.patch_embedding.weight": torch.zeros(2, 3, 2, 2)})
+
+
+def test_has_image_tower_from_the_header(files, ref, tmp_path):
+    save_file(official_layout(ref), str(tmp_path / "with_tower.safetensors"))
+    save_file(dit_only(ref), str(tmp_path / "dit_only.safetensors"))
+    data = files["safetensors"].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+    assert clipmod.has_image_tower(str(files["safetensors"])) is True
+    assert clipmod.has_image_tower(str(tmp_path / "with_tower.safetensors")) is True
+    assert clipmod.has_image_tower(str(tmp_path / "dit_only.safetensors")) is False
+    # Cannot be told cheaply: a pickle must be loaded whole; an unreadable header is load_clip's to report.
+    assert clipmod.has_image_tower(str(files["bin"])) is None
+    assert clipmod.has_image_tower(str(tmp_path / "cut.safetensors")) is None
 
 
 def test_blend(embedder):
@@ -315,10 +361,10 @@ def test_blend(embedder):
         clipmod.blend([a, b], [1.0])
 
 
-def test_to_moves_both_towers(files, heads_override):
+def test_module_owns_both_towers(files, ref, heads_override):
+    # `module` is what a memory manager moves (ComfyUI's ModelPatcher in the nodes).
     emb = load_clip(files["bin"], config=heads_override)
-    assert emb.to("meta") is emb and emb.device.type == "meta"
+    assert emb.module.to("meta") is emb.module and emb.device.type == "meta"
     assert all(p.device.type == "meta" for p in emb._text_model.parameters())
-    kept = load_clip(files["bin"], config=heads_override)
-    assert kept.offload() is kept and kept.device.type == "cpu"
-    assert kept.embed_image(torch.rand(1, 3, 32, 32)).shape == (1, 768)
+    image_only = load_clip(official_layout(ref), config=heads_override)
+    assert image_only.module is image_only.visual

@@ -92,8 +92,8 @@ def test_fixed_interfaces(models_dir):
     assert loader["model_name"][0] == ["tiny_model.safetensors", "tiny_with_clip.safetensors"]
     assert loader["weight_dtype"][0] == ["auto", "bf16", "fp16", "fp32"]
     clip_names = NODES["InfDiTClipLoader"].INPUT_TYPES()["required"]["clip_name"][0]
-    assert clip_names == ["embedded in the Inf-DiT checkpoint", "tiny_clip.safetensors",
-                          "tiny_model.safetensors", "tiny_with_clip.safetensors"]
+    # tiny_model.safetensors holds no CLIP image tower: not offered.
+    assert clip_names == ["embedded in the Inf-DiT checkpoint", "tiny_clip.safetensors", "tiny_with_clip.safetensors"]
 
 
 def test_scale_validation():
@@ -137,7 +137,7 @@ def test_wrong_model_file_names_file_folder_and_source(models_dir):
 def test_clip_loader_embedded(models_dir, tiny_clip):
     with_clip = NODES["InfDiTModelLoader"]().load("tiny_with_clip.safetensors", "fp32")[0]
     assert with_clip.has_embedded_clip
-    clip = NODES["InfDiTClipLoader"]().load("embedded in the Inf-DiT checkpoint", with_clip)[0]
+    clip = NODES["InfDiTClipLoader"]().load("embedded in the Inf-DiT checkpoint", with_clip)[0].embedder
     assert not clip.has_text_tower
     x = torch.rand(2, 3, 40, 50, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -149,12 +149,95 @@ def test_clip_loader_errors(models_dir, model):
     loader = NODES["InfDiTClipLoader"]()
     with pytest.raises(ValueError, match="infdit_model input"):
         loader.load("embedded in the Inf-DiT checkpoint")
-    with pytest.raises(ValueError, match="tiny_model.safetensors has no CLIP image tower"):
+    with pytest.raises(ValueError, match="tiny_model.safetensors: this Inf-DiT file has no CLIP image tower; pick"):
         loader.load("embedded in the Inf-DiT checkpoint", model)
+    # The same file picked by name (a workflow or API prompt can name it; the list leaves it out):
+    # the same advice instead of hundreds of missing and unexpected keys.
+    with pytest.raises(ValueError) as err:
+        loader.load("tiny_model.safetensors")
+    text = str(err.value)
+    assert "tiny_model.safetensors: this Inf-DiT file has no CLIP image tower; pick" in text
+    assert CLIP_HF_REPO in text and "missing" not in text
     with pytest.raises(FileNotFoundError) as err:
         loader.load("missing_clip.bin")
     assert "missing_clip.bin" in str(err.value) and str(models_dir / "clip_vision") in str(err.value)
     assert CLIP_HF_REPO in str(err.value)
+
+
+def clip_folder(tmp_path, monkeypatch, files):
+    """A models/ folder whose clip_vision/ holds `files` {name: bytes}; infdit/ is empty."""
+    (tmp_path / "infdit").mkdir()
+    (tmp_path / "clip_vision").mkdir()
+    for name, data in files.items():
+        (tmp_path / "clip_vision" / name).write_bytes(data)
+    monkeypatch.setenv("INFDIT_MODELS_DIR", str(tmp_path))
+    return tmp_path / "clip_vision"
+
+
+def test_clip_list_offers_only_files_that_can_work(models_root, tiny_clip, tmp_path, monkeypatch):
+    import io
+
+    from safetensors.torch import save
+
+    good = (models_root / "clip_vision" / "tiny_clip.safetensors").read_bytes()
+    pickled = io.BytesIO()
+    torch.save({k: v for k, v in tiny_clip.state_dict().items() if k.startswith("visual.")}, pickled)
+    clip_folder(tmp_path, monkeypatch, {
+        "good.safetensors": good,
+        "dit_only.safetensors": (models_root / "infdit" / "tiny_model.safetensors").read_bytes(),
+        "other_vision.safetensors": save({"vision_model.embeddings.patch_embedding.weight": torch.zeros(2, 3, 2, 2)}),
+        "unchecked.bin": pickled.getvalue(),  # a pickle cannot be checked without loading it whole
+        "truncated.safetensors": good[:len(good) // 2],  # kept: loading it says what is wrong
+    })
+    names = NODES["InfDiTClipLoader"].INPUT_TYPES()["required"]["clip_name"][0]
+    assert names == ["embedded in the Inf-DiT checkpoint", "good.safetensors", "truncated.safetensors", "unchecked.bin"]
+    assert NODES["InfDiTClipLoader"]().load("unchecked.bin")[0].embedder.embed_image(torch.rand(1, 3, 30, 30)).shape == (1, 768)
+    with pytest.raises(ValueError, match="this file holds no open_clip CLIP image tower"):
+        NODES["InfDiTClipLoader"]().load("other_vision.safetensors")
+
+
+def test_truncated_clip_file_is_named_with_what_to_do(models_root, tmp_path, monkeypatch):
+    good = (models_root / "clip_vision" / "tiny_clip.safetensors").read_bytes()
+    folder = clip_folder(tmp_path, monkeypatch, {"open_clip_model.safetensors": good[:len(good) - 100]})
+    with pytest.raises(PACK.infdit_core.CheckpointError) as err:
+        NODES["InfDiTClipLoader"]().load("open_clip_model.safetensors")
+    text = str(err.value)
+    assert str(folder / "open_clip_model.safetensors") in text
+    assert "truncated or corrupt" in text and "Download it again" in text
+
+
+def test_clip_is_managed_by_comfyui_like_the_model(models_dir, monkeypatch):
+    # ComfyUI stood in for by its memory-manager API: the CLIP weights live in a ModelPatcher,
+    # are loaded through load_models_gpu (which evicts others and accounts for them) and are never
+    # moved by hand, so ComfyUI can evict them when another model needs the room.
+    import types
+
+    cpu = torch.device("cpu")
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device):
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+    loads = []
+    mm = types.SimpleNamespace(
+        get_torch_device=lambda: cpu, unet_offload_device=lambda: cpu, should_use_bf16=lambda device: False,
+        should_use_fp16=lambda device: False,
+        load_models_gpu=lambda patchers, memory_required=0, force_full_load=False: loads.append(
+            (patchers, memory_required, force_full_load)))
+    monkeypatch.setitem(sys.modules, "comfy", types.ModuleType("comfy"))
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    monkeypatch.setitem(sys.modules, "comfy.model_patcher", types.SimpleNamespace(ModelPatcher=ModelPatcher))
+
+    clip = NODES["InfDiTClipLoader"]().load("tiny_clip.safetensors")[0]
+    patcher = clip.managed.patcher
+    assert isinstance(patcher, ModelPatcher) and (patcher.load_device, patcher.offload_device) == (cpu, cpu)
+    # Both towers' weights are what ComfyUI manages (and counts).
+    managed = {id(p) for p in patcher.model.parameters()}
+    assert managed == {id(p) for p in clip.embedder.module.parameters()}
+    assert {id(p) for p in clip.embedder.visual.parameters()} < managed and clip.embedder.has_text_tower
+    monkeypatch.setattr(clip.embedder.module, "to", lambda *a, **k: pytest.fail("CLIP moved by hand"))
+    assert embed(clip, image(), strength=2.0).shape == (1, 768)
+    assert loads == [([patcher], 0, True)]
 
 
 # --- embed ----------------------------------------------------------------------------------------
@@ -173,18 +256,18 @@ def embed(clip, img, strength=0.0, **kw):
 def test_embed_node(full_clip):
     img, ref = image(2, 30, 40), image(1, 20, 20, seed=5)
     e = embed(full_clip, img)
-    want = full_clip.embed_image(img.movedim(-1, 1))
+    want = full_clip.embedder.embed_image(img.movedim(-1, 1))
     assert e.shape == (2, 768) and e.device.type == "cpu"
     torch.testing.assert_close(e, want)
     # The alpha channel is not content.
     torch.testing.assert_close(embed(full_clip, torch.cat([img, torch.rand(2, 30, 40, 1)], -1)), e)
-    e_ref = full_clip.embed_image(ref.movedim(-1, 1))
+    e_ref = full_clip.embedder.embed_image(ref.movedim(-1, 1))
     torch.testing.assert_close(embed(full_clip, img, reference_image=ref, reference_weight=1.0), e_ref.expand(2, -1))
     torch.testing.assert_close(embed(full_clip, img, reference_image=ref, reference_weight=0.0), e)
     half = embed(full_clip, img, reference_image=ref, reference_weight=0.5)
     torch.testing.assert_close(half, F.normalize(e + e_ref, dim=-1))
     nudged = embed(full_clip, img, strength=2.0)
-    torch.testing.assert_close(nudged, full_clip.nudge(e, "HD, high resolution, clear.", "noisy,blurry,low resolution.", 2.0))
+    torch.testing.assert_close(nudged, full_clip.embedder.nudge(e, "HD, high resolution, clear.", "noisy,blurry,low resolution.", 2.0))
     assert (nudged - e).abs().max() > 1e-3
 
 
