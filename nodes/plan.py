@@ -5,9 +5,10 @@ import math
 
 from ..infdit_core.memory import HOST, free_memory, resolve_execution
 from ..infdit_core.offload import MODES
-from ..infdit_core.pipeline import MAX_FACTOR, output_size
+from ..infdit_core.pipeline import output_size
 from ..infdit_core.sampling import DEFAULT_STEPS, network_calls
 from .loaders import CATEGORY, InfDiTModel
+from .upscale import SCALE_WIDGET
 
 GB = 2 ** 30
 
@@ -53,8 +54,7 @@ class InfDiTMemoryPlan:
                 "model": ("INFDIT_MODEL", {"tooltip": "From Load Inf-DiT Model (its dtype sets the memory)."}),
                 "width": ("INT", dict(size, tooltip="Input width in pixels (ignored when image is connected).")),
                 "height": ("INT", dict(size, tooltip="Input height in pixels (ignored when image is connected).")),
-                "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": MAX_FACTOR, "step": 0.05,
-                                    "tooltip": "Upscale factor of the planned run."}),
+                "scale": ("FLOAT", dict(SCALE_WIDGET, tooltip="Upscale factor of the planned run.")),
                 "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 200,
                                   "tooltip": "Sampler steps of the planned run (sets the number of network calls)."}),
                 "block_batch": ("INT", {"default": 0, "min": 0, "max": 4096,

@@ -2,12 +2,10 @@
 ComfyUI's memory manager; the sampling itself is infdit_core.upscale."""
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from ..infdit_core import plan, upscale
-from ..infdit_core.memory import is_out_of_memory
+from ..infdit_core import upscale
+from ..infdit_core.memory import is_out_of_memory, resolve_execution
 from ..infdit_core.pipeline import MAX_FACTOR, OutOfMemory, output_size
 from ..infdit_core.sampling import DEFAULT_STEPS
 from . import comfy_bridge as bridge
@@ -15,12 +13,16 @@ from .embed import image_embedding
 from .loaders import CATEGORY, InfDiTModel
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+# The scale widget: exactly the range that runs (the engine takes any scale above 1; the widget's
+# closed range starts one step above it). VALIDATE_INPUTS checks the same range.
+SCALE_STEP = 0.05
+SCALE_WIDGET = {"default": 4.0, "min": 1.0 + SCALE_STEP, "max": MAX_FACTOR, "step": SCALE_STEP}
 
 
 def _check_scale(scale) -> str | None:
-    if not 1.0 < scale <= MAX_FACTOR:
+    if not SCALE_WIDGET["min"] <= scale <= SCALE_WIDGET["max"]:
         more = "; chain Inf-DiT UniBA Upscale nodes for more" if scale > MAX_FACTOR else ""
-        return f"scale must be above 1 and at most {MAX_FACTOR:g} (got {scale}){more}."
+        return f"scale must be between {SCALE_WIDGET['min']:g} and {SCALE_WIDGET['max']:g} (got {scale}){more}."
     return None
 
 
@@ -50,6 +52,24 @@ def _out_of_memory_advice(out_hw, batch, dtype) -> str:
             f"(the smallest). Try: {'; '.join(knobs)}.")
 
 
+def _memory_request(model: InfDiTModel, out_hw, batch: int, block_batch: int) -> int:
+    """Bytes beyond the weights to ask ComfyUI to free before the run."""
+    network = model.model
+    # The run with everything on the device (offload off) at the given block batch or, for auto,
+    # at the batch auto picks in the memory free now. auto sizes its batch when the run starts,
+    # after ComfyUI has freed this much beside the weights, so it then picks that batch or, if
+    # evictions freed more, a larger one; other models are evicted only when that batch (at worst
+    # one block per call) does not fit. Asking for all blocks at once evicted every other model
+    # whenever the whole image did not fit, for a batch barely faster than a few blocks (README,
+    # Memory and speed). Evicting is still preferred to spilling to host memory, which costs
+    # copies in every network call: offload auto spills only what the device cannot hold even
+    # then. Weights not loaded yet count as free here, so the request can exceed auto's final
+    # pick by up to their size.
+    _, _, need = resolve_execution(block_batch if block_batch > 0 else "auto", "off", network.config, *out_hw,
+                                   network.dtype, model.managed.load_device, batch)
+    return need.working
+
+
 def run_upscale(model: InfDiTModel, image: torch.Tensor, scale: float = 4.0, steps: int = DEFAULT_STEPS,
                 seed: int = 0, block_batch: int = 0, lr_noise_init: bool = True, embed=None, clip=None) -> torch.Tensor:
     """IMAGE [B,H,W,C] -> IMAGE [B,round(H*scale),round(W*scale),C]; block_batch 0 = auto."""
@@ -58,12 +78,7 @@ def run_upscale(model: InfDiTModel, image: torch.Tensor, scale: float = 4.0, ste
         raise ValueError(problem)
     clip_vector = _embedding_for(image, embed, clip)
     out_hw = output_size(image.shape[1], image.shape[2], scale)
-    network = model.model
-    # What the run needs beyond the weights; auto asks for the fastest sweep (all blocks at once,
-    # plan caps the batch at the block count) so other models are evicted before ours is loaded.
-    wanted = block_batch if block_batch > 0 else sys.maxsize
-    need = plan(network.config, *out_hw, wanted, network.dtype, batch=image.shape[0]).working
-    network = model.managed.load(need)
+    network = model.managed.load(_memory_request(model, out_hw, image.shape[0], block_batch))
     try:
         out = upscale(network, bridge.image_to_bchw(image).to(network.device), scale=scale,
                       clip_vector=clip_vector, steps=steps, seed=seed, lr_noise_init=lr_noise_init,
@@ -92,10 +107,9 @@ class InfDiTUpscale:
             "required": {
                 "model": ("INFDIT_MODEL", {"tooltip": "From Load Inf-DiT Model."}),
                 "image": ("IMAGE", {"tooltip": "Image batch to upscale, any size; RGB, grayscale or RGBA."}),
-                "scale": ("FLOAT", {
-                    "default": 4.0, "min": 1.0, "max": MAX_FACTOR, "step": 0.05,
-                    "tooltip": "Upscale factor, above 1 and up to 4 (the model's native 4x is best). Chain a second "
-                               "node for 16x."}),
+                "scale": ("FLOAT", dict(SCALE_WIDGET, tooltip=(
+                    f"Upscale factor, {SCALE_WIDGET['min']:g} to {MAX_FACTOR:g} (the model's native 4x is best). "
+                    "Chain a second node for 16x."))),
                 "steps": ("INT", {
                     "default": DEFAULT_STEPS, "min": 1, "max": 200,
                     "tooltip": "Sampler steps (Heun). 20 is the official setting; fewer is faster and softer."}),

@@ -96,11 +96,23 @@ def test_fixed_interfaces(models_dir):
     assert clip_names == ["embedded in the Inf-DiT checkpoint", "tiny_clip.safetensors", "tiny_with_clip.safetensors"]
 
 
-def test_scale_validation():
+def test_scale_widget_range_is_exactly_what_runs(model):
+    options = NODES["InfDiTUpscale"].INPUT_TYPES()["required"]["scale"][1]
     validate = NODES["InfDiTUpscale"].VALIDATE_INPUTS
-    assert validate(scale=4.0) is True and validate(scale=1.05) is True and validate(scale=None) is True
-    for bad in (1.0, 0.5, 4.05):
-        assert "above 1 and at most 4" in validate(scale=bad)
+    low, high, step = options["min"], options["max"], options["step"]
+    # Every value the widget can show passes validation (the frontend rounds to the step's decimals)...
+    values = [round(low + i * step, 2) for i in range(round((high - low) / step) + 1)]
+    assert values[0] == low and values[-1] == high == 4.0 and options["default"] in values
+    assert all(validate(scale=v) is True for v in values) and validate(scale=None) is True
+    # ...nothing outside it does (1.0 used to pass the widget and fail validation)...
+    for outside in (1.0, low - 0.01, high + 0.01, 0.5):
+        assert f"between {low:g} and {high:g}" in validate(scale=outside)
+    assert "chain" in validate(scale=high + 0.01)
+    # ...and both ends run.
+    assert run(model, image(1, 20, 20), unit(), scale=low).shape == (1, 21, 21, 3)
+    # The Memory Plan node plans the same range.
+    plan_options = NODES["InfDiTMemoryPlan"].INPUT_TYPES()["required"]["scale"][1]
+    assert {k: plan_options[k] for k in ("min", "max", "step")} == {"min": low, "max": high, "step": step}
 
 
 # --- loaders ------------------------------------------------------------------------------------
@@ -295,6 +307,23 @@ def test_upscale_shapes_range_and_inputs_untouched(model, c):
                                                                 antialias=True).clamp(0, 1).movedim(1, -1))
 
 
+def test_auto_asks_comfyui_for_what_auto_picks(model, monkeypatch):
+    # 16x16 at 4x: 4 blocks. Free memory set so that auto (which leaves 20% headroom) picks 2 of
+    # them; before, auto asked ComfyUI for room for all 4 at once.
+    memory = sys.modules[PACK.__name__ + ".infdit_core.memory"]
+    config, dtype = model.model.config, model.model.dtype
+    two = memory.plan(config, 64, 64, 2, dtype).working
+    monkeypatch.setattr(memory, "free_memory", lambda device: int(two / 0.8) + 1)
+    asked = []
+    load = model.managed.load
+    monkeypatch.setattr(model.managed, "load", lambda need: asked.append(need) or load(need))
+    rec = Recorder()
+    monkeypatch.setattr(bridge, "progress_bar", rec.factory)
+    run(model, image(), unit(), block_batch=0)
+    assert len(rec.updates) == network_calls(STEPS) * 2  # the run used 2 blocks per call...
+    assert asked == [two] and two < memory.plan(config, 64, 64, 4, dtype).working  # ...and asked for that
+
+
 def test_upscale_fractional_scale(model):
     assert run(model, image(1, 15, 10), unit(), scale=2.5).shape == (1, 38, 25, 3)
 
@@ -318,7 +347,7 @@ def test_upscale_needs_embed_or_clip(model, full_clip):
     torch.testing.assert_close(run(model, img, clip=full_clip), run(model, img, embed(full_clip, img)))
     with pytest.raises(ValueError, match="3 embeddings but the image batch has 2"):
         run(model, img, unit(3))
-    with pytest.raises(ValueError, match="above 1 and at most 4"):
+    with pytest.raises(ValueError, match="between 1.05 and 4"):
         run(model, img, unit(), scale=1.0)
 
 
