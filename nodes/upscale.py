@@ -3,6 +3,7 @@ ComfyUI's memory manager; the sampling itself is infdit_core.upscale."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..infdit_core import upscale
 from ..infdit_core.memory import is_out_of_memory, resolve_execution
@@ -93,12 +94,25 @@ def run_upscale(model: InfDiTModel, image: torch.Tensor, scale: float = 4.0, ste
     return bridge.bchw_to_image(out)
 
 
+def upscale_mask(mask: torch.Tensor | None, out_hw: tuple[int, int], batch: int) -> torch.Tensor:
+    """MASK [B,H',W'] of the output size: `mask` ([B,H,W] or [H,W], any size, as Load Image gives
+    1 - alpha) resized bicubically like an alpha channel and clamped to [0,1]; without one, the
+    all-zero mask Load Image gives for an opaque image (one per image of the batch)."""
+    if mask is None:
+        return torch.zeros(batch, *out_hw, device=bridge.intermediate_device())
+    m = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    m = F.interpolate(m, size=out_hw, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    return m[:, 0].to(bridge.intermediate_device()).contiguous()
+
+
 class InfDiTUpscale:
     DESCRIPTION = ("Inf-DiT diffusion upscaling (up to 4x per node) of any size: the image is generated block by "
                    "block (UniBA) so memory stays bounded and there are no tile seams. Chain nodes for 16x.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
-    OUTPUT_TOOLTIPS = ("The upscaled image batch (alpha is kept, resized bicubically).",)
+    RETURN_TYPES = ("IMAGE", "MASK")
+    OUTPUT_TOOLTIPS = ("The upscaled image batch (an alpha channel is kept, resized bicubically).",
+                       "The mask input resized to the output size (all zero without one). With Load Image's "
+                       "MASK connected, Join Image with Alpha (this image + this mask) gives the RGBA result.")
     FUNCTION = "upscale"
 
     @classmethod
@@ -106,7 +120,10 @@ class InfDiTUpscale:
         return {
             "required": {
                 "model": ("INFDIT_MODEL", {"tooltip": "From Load Inf-DiT Model."}),
-                "image": ("IMAGE", {"tooltip": "Image batch to upscale, any size; RGB, grayscale or RGBA."}),
+                "image": ("IMAGE", {
+                    "tooltip": "Image batch to upscale, any size; RGB, grayscale or RGBA. Grayscale stays grayscale: "
+                               "three equal channels (what Load Image makes of a gray PNG) come back equal. Load "
+                               "Image passes transparency separately: connect its MASK to 'mask'."}),
                 "scale": ("FLOAT", dict(SCALE_WIDGET, tooltip=(
                     f"Upscale factor, {SCALE_WIDGET['min']:g} to {MAX_FACTOR:g} (the model's native 4x is best). "
                     "Chain a second node for 16x."))),
@@ -131,6 +148,9 @@ class InfDiTUpscale:
                     "tooltip": "From Inf-DiT CLIP Semantic Embed. If absent, computed from the image with 'clip'."}),
                 "clip": ("INFDIT_CLIP", {
                     "tooltip": "From Load Inf-DiT CLIP; used only when 'embed' is not connected."}),
+                "mask": ("MASK", {
+                    "tooltip": "Optional mask, e.g. Load Image's (1 - alpha), resized to the output size and returned "
+                               "as the MASK output; it does not change the image."}),
             },
         }
 
@@ -139,8 +159,9 @@ class InfDiTUpscale:
         # Declaring `scale` here makes ComfyUI skip its own min/max check for it: do it all here.
         return True if scale is None else (_check_scale(scale) or True)
 
-    def upscale(self, model, image, scale, steps, seed, block_batch, lr_noise_init, embed=None, clip=None):
-        return (run_upscale(model, image, scale, steps, seed, block_batch, lr_noise_init, embed, clip),)
+    def upscale(self, model, image, scale, steps, seed, block_batch, lr_noise_init, embed=None, clip=None, mask=None):
+        out = run_upscale(model, image, scale, steps, seed, block_batch, lr_noise_init, embed, clip)
+        return out, upscale_mask(mask, tuple(out.shape[1:3]), out.shape[0])
 
 
 NODE_CLASS_MAPPINGS = {"InfDiTUpscale": InfDiTUpscale}

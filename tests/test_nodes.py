@@ -83,8 +83,9 @@ def test_fixed_interfaces(models_dir):
     assert order("InfDiTClipEmbed") == (["image", "clip", "positive", "negative", "strength"],
                                         ["reference_image", "reference_weight"])
     assert order("InfDiTUpscale") == (["model", "image", "scale", "steps", "seed", "block_batch", "lr_noise_init"],
-                                      ["embed", "clip"])
-    assert [NODES[n].RETURN_TYPES for n in OUR_NODES] == [("INFDIT_MODEL",), ("INFDIT_CLIP",), ("INFDIT_EMBED",), ("IMAGE",)]
+                                      ["embed", "clip", "mask"])
+    assert [NODES[n].RETURN_TYPES for n in OUR_NODES] == [("INFDIT_MODEL",), ("INFDIT_CLIP",), ("INFDIT_EMBED",),
+                                                           ("IMAGE", "MASK")]
     up = NODES["InfDiTUpscale"].INPUT_TYPES()["required"]
     assert up["seed"][1]["control_after_generate"] is True and up["seed"][1]["max"] == 0xFFFFFFFFFFFFFFFF
     assert [up[k][1]["default"] for k in ("scale", "steps", "seed", "block_batch", "lr_noise_init")] == [4.0, 20, 0, 0, True]
@@ -305,6 +306,35 @@ def test_upscale_shapes_range_and_inputs_untouched(model, c):
     if c == 4:  # alpha is resized, not generated
         torch.testing.assert_close(out[..., 3:], F.interpolate(img[..., 3:].movedim(-1, 1), (64, 48), mode="bicubic",
                                                                 antialias=True).clamp(0, 1).movedim(1, -1))
+
+
+def test_grayscale_stays_grayscale(model):
+    # Load Image makes three equal channels of a gray PNG; the model alone would add chroma.
+    gray = image(2, 16, 12, 1).expand(-1, -1, -1, 3)
+    out = run(model, gray, unit(1))
+    assert out.shape == (2, 64, 48, 3) and out.std() > 0.01
+    assert torch.equal(out[..., 0], out[..., 1]) and torch.equal(out[..., 1], out[..., 2])
+
+
+def test_mask_is_upscaled_beside_the_image(model):
+    # Load Image gives an RGBA file as IMAGE (RGB) plus MASK = 1 - alpha. Passed as a 4-channel
+    # image as well, the alpha channel and the mask output must agree.
+    rgb, alpha = image(1, 16, 12), torch.rand(1, 16, 12, generator=torch.Generator().manual_seed(4))
+    out, mask = NODES["InfDiTUpscale"]().upscale(model, torch.cat([rgb, alpha[..., None]], -1), 4.0, STEPS, 0, 0, True,
+                                                 embed=unit(), mask=1 - alpha)
+    assert mask.shape == (1, 64, 48) and mask.dtype == torch.float32 and mask.device.type == "cpu"
+    want = F.interpolate((1 - alpha)[:, None], (64, 48), mode="bicubic", antialias=True).clamp(0, 1)[:, 0]
+    torch.testing.assert_close(mask, want, atol=0, rtol=0)
+    torch.testing.assert_close(1 - mask, out[..., 3], atol=1e-6, rtol=0)
+    # The mask does not change the image; without one the mask output is all zero (what Load Image
+    # gives for an opaque picture), one per image, at the output size.
+    plain, zeros = NODES["InfDiTUpscale"]().upscale(model, rgb, 4.0, STEPS, 0, 0, True, embed=unit())
+    torch.testing.assert_close(plain, out[..., :3], atol=0, rtol=0)
+    assert torch.equal(zeros, torch.zeros(1, 64, 48))
+    assert torch.equal(upscale_mod.upscale_mask(None, (64, 48), 2), torch.zeros(2, 64, 48))
+    # Load Image's mask of an opaque picture is 64x64 whatever the image size; [H, W] masks occur too.
+    assert torch.equal(upscale_mod.upscale_mask(torch.zeros(1, 64, 64), (64, 48), 1), torch.zeros(1, 64, 48))
+    torch.testing.assert_close(upscale_mod.upscale_mask(1 - alpha[0], (64, 48), 1), want, atol=0, rtol=0)
 
 
 def test_auto_asks_comfyui_for_what_auto_picks(model, monkeypatch):
