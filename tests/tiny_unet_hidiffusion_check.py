@@ -6,9 +6,10 @@ dicts, so the configs are shrunk by hand), patches them with the node and checks
 odd latents, inactivity outside the schedule, the block-size walk-through, MSW-MSA plumbing, clone
 isolation, cond/uncond splitting, sampling, and the step resolver against every core scheduler.
 
-In-process run (about a minute on 2 CPU cores), with a ComfyUI checkout and its Python:
+In-process run (about a minute on 2 CPU cores), from this repository, where <ComfyUI> is a ComfyUI
+checkout, <python> the Python environment ComfyUI runs in and <pack> this repository:
 
-    /work/comfy-venv/bin/python tests/tiny_unet_hidiffusion_check.py --comfyui /work/comfyui
+    <python> tests/tiny_unet_hidiffusion_check.py --comfyui <ComfyUI>
 
 Add `--timing 128` to time one U-Net forward plain vs patched instead (used for the README).
 
@@ -16,10 +17,10 @@ Server end-to-end run: link this file into ComfyUI as a single-file node pack (i
 the test-only nodes TinySDXL and RandomSDXLConditioning), link the pack itself, start the server
 on loopback, and post a TinySDXL -> InfDiT HiDiffusion -> KSampler -> SaveLatent prompt:
 
-    ln -s /work/main/tests/tiny_unet_hidiffusion_check.py /work/comfyui/custom_nodes/tiny_sdxl_test_nodes.py
-    ln -s /work/main /work/comfyui/custom_nodes/infdit
-    (cd /work/comfyui && /work/comfy-venv/bin/python main.py --cpu --listen 127.0.0.1 --port 8188 --disable-auto-launch)
-    /work/comfy-venv/bin/python tests/tiny_unet_hidiffusion_check.py --server http://127.0.0.1:8188
+    ln -s <pack>/tests/tiny_unet_hidiffusion_check.py <ComfyUI>/custom_nodes/tiny_sdxl_test_nodes.py
+    ln -s <pack> <ComfyUI>/custom_nodes/infdit
+    (cd <ComfyUI> && <python> main.py --cpu --listen 127.0.0.1 --port 8188 --disable-auto-launch)
+    <python> tests/tiny_unet_hidiffusion_check.py --server http://127.0.0.1:8188
 """
 import argparse
 import copy
