@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from infdit_core import load_model, sample
+from infdit_core.pipeline import Resume
 from infdit_core.strips import StripSchedule, split
 from infdit_core.uniba import neighbour_slots
 
@@ -36,11 +37,19 @@ def case_inputs(name, block=32):
                 clip_vector=torch.nn.functional.normalize(torch.randn(batch, 768, generator=g), dim=-1))
 
 
-def _rank_main(rank, world, port, model_path, out_dir):
+def _rank_main(rank, world, port, model_path, out_dir, resume_dir=None):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         model = load_model(model_path)
+        if resume_dir is not None:  # continue the single-process job checkpointed there
+            progress = []
+            result = sample(model, **case_inputs("odd_partial_strip"), steps=RESUME_STEPS, seed=11, block_batch=1,
+                            resume=Resume(resume_dir, interval=0), callback=lambda *a: progress.append(a[:3]))
+            if rank == 0:
+                torch.save({"x": result, "first_progress": torch.tensor(progress[0])},
+                           os.path.join(out_dir, "resumed.pt"))
+            return
         for name, (_, _, _, block_batch) in CASES.items():
             # Each rank picks its own block batch; the pixels must not depend on it.
             result = sample(model, **case_inputs(name), steps=STEPS, seed=11, block_batch=1 + block_batch * rank)
@@ -58,13 +67,10 @@ def reference(golden_dir):
     return {name: sample(model, **case_inputs(name), steps=STEPS, seed=11, block_batch=1) for name in CASES}
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_reproduce_the_single_process_sample(golden_dir, reference, tmp_path, world):
+def spawn_ranks(world, *args):
     context = mp.get_context("spawn")
     port = free_port()
-    processes = [context.Process(target=_rank_main,
-                                 args=(r, world, port, str(golden_dir / "tiny_model.safetensors"), str(tmp_path)))
-                 for r in range(world)]
+    processes = [context.Process(target=_rank_main, args=(r, world, port, *args)) for r in range(world)]
     for p in processes:
         p.start()
     for p in processes:
@@ -74,6 +80,11 @@ def test_ranks_reproduce_the_single_process_sample(golden_dir, reference, tmp_pa
         if p.is_alive():
             p.kill()
     assert codes == [0] * world, f"rank exit codes {codes}"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_reproduce_the_single_process_sample(golden_dir, reference, tmp_path, world):
+    spawn_ranks(world, str(golden_dir / "tiny_model.safetensors"), str(tmp_path))
     for name in CASES:
         got = torch.load(tmp_path / f"{name}.pt", weights_only=True)
         want = reference[name]
@@ -101,3 +112,36 @@ def test_strips_are_balanced_and_cover_the_grid():
             owned = set(schedule.order)
             outside = {s for block in schedule.order for s in neighbour_slots(block)} - owned
             assert outside == set(schedule.incoming)
+
+
+RESUME_STEPS = 4
+
+
+def test_a_single_process_job_resumes_on_two_ranks(golden_dir, tmp_path):
+    """Checkpoints hold regions of the canvas, so a job may continue on another number of ranks:
+    each rank restores its strip from the one-process file, all ranks agree on the step, and the
+    result is the uninterrupted single-process result, bit for bit."""
+    model = load_model(golden_dir / "tiny_model.safetensors")
+    inputs = case_inputs("odd_partial_strip")
+    uninterrupted = sample(model, **inputs, steps=RESUME_STEPS, seed=11, block_batch=1)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_step_two(step, *_):
+        if step == 2:
+            raise Stop
+
+    resume_dir = tmp_path / "resume"
+    with pytest.raises(Stop):
+        sample(model, **inputs, steps=RESUME_STEPS, seed=11, block_batch=1, callback=stop_at_step_two,
+               resume=Resume(str(resume_dir), interval=0))
+    assert len(os.listdir(resume_dir)) > 0
+    spawn_ranks(2, str(golden_dir / "tiny_model.safetensors"), str(tmp_path), str(resume_dir))
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert torch.equal(resumed["x"], uninterrupted)
+    step, _, blocks_done = resumed["first_progress"].tolist()
+    # Steps 0 and 1 were checkpointed (2 network calls each over 15 blocks): the ranks start at step 2,
+    # and the progress counts the 4 calls already done.
+    assert step == 2 and 2 * 2 * 15 < blocks_done < 2 * 2 * 15 + 3
+    assert os.listdir(resume_dir) == []  # the finished job removed every checkpoint
