@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import tempfile
 import time
 from typing import Optional
 
@@ -74,6 +75,15 @@ def download_dir(folder: str) -> str:
     if folder_paths is not None:
         return os.path.join(folder_paths.models_dir, folder)
     return folder_dirs(folder)[0]
+
+
+def resume_dir() -> str:
+    """Where the upscaler keeps resume checkpoints: ComfyUI's temp folder (emptied when ComfyUI
+    starts, so a checkpoint lives for one session: enough for cancel → queue again), else the
+    system's temp folder."""
+    folder_paths = _optional_import("folder_paths")
+    base = folder_paths.get_temp_directory() if folder_paths is not None else tempfile.gettempdir()
+    return os.path.join(base, "infdit_resume")
 
 
 def list_files(folder: str) -> list[str]:

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from ..infdit_core import upscale
 from ..infdit_core.memory import is_out_of_memory, resolve_execution
-from ..infdit_core.pipeline import MAX_FACTOR, OutOfMemory, output_size
+from ..infdit_core.offload import MODES
+from ..infdit_core.pipeline import MAX_FACTOR, OutOfMemory, Resume, output_size
 from ..infdit_core.sampling import DEFAULT_STEPS
 from . import comfy_bridge as bridge
 from .embed import image_embedding
@@ -18,6 +19,12 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 # closed range starts one step above it). VALIDATE_INPUTS checks the same range.
 SCALE_STEP = 0.05
 SCALE_WIDGET = {"default": 4.0, "min": 1.0 + SCALE_STEP, "max": MAX_FACTOR, "step": SCALE_STEP}
+# resume auto: outputs of at least this many pixels (2048², about a minute of GPU per step at 4096²
+# and far more above) checkpoint their state in ComfyUI's temp folder, so cancel → queue again
+# continues where it stopped. The folder is capped; the oldest checkpoints go first.
+RESUME_MIN_PIXELS = 2048 * 2048
+RESUME_INTERVAL_S = 60.0
+RESUME_FOLDER_CAP = 8 << 30
 
 
 def _check_scale(scale) -> str | None:
@@ -42,52 +49,68 @@ def _embedding_for(image, embed, clip) -> torch.Tensor:
     return embed
 
 
-def _out_of_memory_advice(out_hw, batch, dtype) -> str:
+def _out_of_memory_advice(out_hw, batch, dtype, offload_used: str) -> str:
     knobs = ["free the GPU (other models, other programs)"]
     if batch > 1:
         knobs.insert(0, f"upscale the {batch} images one at a time")
     if dtype == torch.float32:
         knobs.insert(0, "set weight_dtype to bf16 or fp16 in Load Inf-DiT Model")
+    if offload_used != "all":
+        knobs.insert(0, "set offload to all (canvases and K/V cache in host memory)")
     knobs.append("lower scale (then chain another upscale)")
     return (f"Inf-DiT ran out of memory for a {out_hw[1]}x{out_hw[0]} output even with block_batch 1 "
-            f"(the smallest). Try: {'; '.join(knobs)}.")
+            f"(the smallest) and offload {offload_used}. Try: {'; '.join(knobs)}.")
 
 
-def _memory_request(model: InfDiTModel, out_hw, batch: int, block_batch: int) -> int:
+def _memory_request(model: InfDiTModel, out_hw, batch: int, block_batch: int, offload: str) -> int:
     """Bytes beyond the weights to ask ComfyUI to free before the run."""
     network = model.model
-    # The run with everything on the device (offload off) at the given block batch or, for auto,
-    # at the batch auto picks in the memory free now. auto sizes its batch when the run starts,
-    # after ComfyUI has freed this much beside the weights, so it then picks that batch or, if
-    # evictions freed more, a larger one; other models are evicted only when that batch (at worst
-    # one block per call) does not fit. Asking for all blocks at once evicted every other model
-    # whenever the whole image did not fit, for a batch barely faster than a few blocks (README,
-    # Memory and speed). Evicting is still preferred to spilling to host memory, which costs
+    # The run at the given block batch or, for auto, at the batch auto picks in the memory free
+    # now, with everything on the device unless offload says otherwise. auto sizes its batch when
+    # the run starts, after ComfyUI has freed this much beside the weights, so it then picks that
+    # batch or, if evictions freed more, a larger one; other models are evicted only when that
+    # batch (at worst one block per call) does not fit. Asking for all blocks at once evicted every
+    # other model whenever the whole image did not fit, for a batch barely faster than a few blocks
+    # (README, Memory and speed). Evicting is preferred to spilling to host memory, which costs
     # copies in every network call: offload auto spills only what the device cannot hold even
     # then. Weights not loaded yet count as free here, so the request can exceed auto's final
     # pick by up to their size.
-    _, _, need = resolve_execution(block_batch if block_batch > 0 else "auto", "off", network.config, *out_hw,
-                                   network.dtype, model.managed.load_device, batch)
+    _, _, need = resolve_execution(block_batch if block_batch > 0 else "auto", "off" if offload == "auto" else offload,
+                                   network.config, *out_hw, network.dtype, model.managed.load_device, batch)
     return need.working
 
 
+def _resume_for(resume: str, out_hw) -> Resume | None:
+    if resume == "off" or out_hw[0] * out_hw[1] < RESUME_MIN_PIXELS:
+        return None
+    return Resume(bridge.resume_dir(), RESUME_INTERVAL_S, RESUME_FOLDER_CAP)
+
+
 def run_upscale(model: InfDiTModel, image: torch.Tensor, scale: float = 4.0, steps: int = DEFAULT_STEPS,
-                seed: int = 0, block_batch: int = 0, lr_noise_init: bool = True, embed=None, clip=None) -> torch.Tensor:
+                seed: int = 0, block_batch: int = 0, lr_noise_init: bool = True, embed=None, clip=None,
+                offload: str = "auto", resume: str = "auto") -> torch.Tensor:
     """IMAGE [B,H,W,C] -> IMAGE [B,round(H*scale),round(W*scale),C]; block_batch 0 = auto."""
     problem = _check_scale(scale)
     if problem:
         raise ValueError(problem)
     clip_vector = _embedding_for(image, embed, clip)
     out_hw = output_size(image.shape[1], image.shape[2], scale)
-    network = model.managed.load(_memory_request(model, out_hw, image.shape[0], block_batch))
+    batch = image.shape[0]
+    network = model.managed.load(_memory_request(model, out_hw, batch, block_batch, offload))
+    # Settle auto's placement now that the weights are loaded, so the conditioning is prepared where
+    # the canvases will live (host memory when they are offloaded) and the advice can say what ran.
+    bb, placement, _ = resolve_execution(block_batch if block_batch > 0 else "auto", offload, network.config, *out_hw,
+                                         network.dtype, network.device, batch)
     try:
-        out = upscale(network, bridge.image_to_bchw(image).to(network.device), scale=scale,
+        out = upscale(network, bridge.image_to_bchw(image).to(placement.canvas), scale=scale,
                       clip_vector=clip_vector, steps=steps, seed=seed, lr_noise_init=lr_noise_init,
-                      block_batch=block_batch if block_batch > 0 else "auto",
-                      callback=bridge.ProgressReporter(out_hw))
+                      block_batch=bb,
+                      callback=bridge.ProgressReporter(out_hw), offload=placement.mode, group=None,
+                      resume=_resume_for(resume, out_hw))
     except Exception as error:
         if isinstance(error, OutOfMemory) or is_out_of_memory(error):
-            raise bridge.InfDiTOutOfMemory(_out_of_memory_advice(out_hw, image.shape[0], network.dtype)) from error
+            raise bridge.InfDiTOutOfMemory(_out_of_memory_advice(out_hw, batch, network.dtype, placement.mode)) \
+                from error
         raise
     finally:
         bridge.soft_empty_cache()
@@ -142,6 +165,16 @@ class InfDiTUpscale:
                     "default": True,
                     "tooltip": "Start sampling from the upscaled input plus noise (official) instead of pure noise. "
                                "Keeps the colours of the input; turn off only to experiment (colour shift)."}),
+                "offload": (list(MODES), {
+                    "default": "auto",
+                    "tooltip": "Where the sampler's canvases and K/V cache live. auto: on the GPU when they fit, else "
+                               "the canvases and then the K/V cache in host memory (exact, only slower); off: GPU "
+                               "only; canvas / all: force them into host memory (8192² on an 8 GB card)."}),
+                "resume": (["auto", "off"], {
+                    "default": "auto",
+                    "tooltip": "auto: outputs of 2048² and more checkpoint their progress in ComfyUI's temp folder, "
+                               "so cancelling and queueing again continues where it stopped (same image). "
+                               "off: always start from the first step."}),
             },
             "optional": {
                 "embed": ("INFDIT_EMBED", {
@@ -159,8 +192,9 @@ class InfDiTUpscale:
         # Declaring `scale` here makes ComfyUI skip its own min/max check for it: do it all here.
         return True if scale is None else (_check_scale(scale) or True)
 
-    def upscale(self, model, image, scale, steps, seed, block_batch, lr_noise_init, embed=None, clip=None, mask=None):
-        out = run_upscale(model, image, scale, steps, seed, block_batch, lr_noise_init, embed, clip)
+    def upscale(self, model, image, scale, steps, seed, block_batch, lr_noise_init, offload="auto", resume="auto",
+                embed=None, clip=None, mask=None):
+        out = run_upscale(model, image, scale, steps, seed, block_batch, lr_noise_init, embed, clip, offload, resume)
         return out, upscale_mask(mask, tuple(out.shape[1:3]), out.shape[0])
 
 

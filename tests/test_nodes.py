@@ -82,7 +82,8 @@ def test_fixed_interfaces(models_dir):
     assert order("InfDiTClipLoader") == (["clip_name"], ["infdit_model"])
     assert order("InfDiTClipEmbed") == (["image", "clip", "positive", "negative", "strength"],
                                         ["reference_image", "reference_weight"])
-    assert order("InfDiTUpscale") == (["model", "image", "scale", "steps", "seed", "block_batch", "lr_noise_init"],
+    assert order("InfDiTUpscale") == (["model", "image", "scale", "steps", "seed", "block_batch", "lr_noise_init",
+                                       "offload", "resume"],
                                       ["embed", "clip", "mask"])
     assert [NODES[n].RETURN_TYPES for n in OUR_NODES] == [("INFDIT_MODEL",), ("INFDIT_CLIP",), ("INFDIT_EMBED",),
                                                            ("IMAGE", "MASK")]
@@ -432,6 +433,45 @@ def test_out_of_memory_says_which_knob(models_dir, monkeypatch, batch, dtype, ad
     assert isinstance(err.value, torch.OutOfMemoryError)  # ComfyUI unloads models on these
     text = str(err.value)
     assert "64x64 output even with block_batch 1" in text and advice in text and "lower scale" in text
+
+
+def test_offload_modes_give_the_same_image(model):
+    img, e = image(h=16, w=24), unit()
+    reference = run(model, img, e, block_batch=2, offload="off")
+    for mode in ("auto", "canvas", "all"):
+        assert torch.equal(run(model, img, e, block_batch=2, offload=mode), reference), mode
+
+
+@pytest.mark.filterwarnings("ignore:Inf-DiT. out of memory")
+@pytest.mark.parametrize("offload,mentions_offload", [("off", True), ("all", False)])
+def test_out_of_memory_advice_mentions_offload_only_when_it_was_off(models_dir, monkeypatch, offload,
+                                                                    mentions_offload):
+    model = NODES["InfDiTModelLoader"]().load("tiny_model.safetensors", "fp32")[0]
+    monkeypatch.setattr(bridge, "progress_bar", Recorder(raise_at=1, error=torch.OutOfMemoryError).factory)
+    with pytest.raises(bridge.InfDiTOutOfMemory) as err:
+        run(model, image(), unit(), block_batch=1, offload=offload)
+    assert ("set offload to all" in str(err.value)) == mentions_offload
+    assert f"offload {offload}" in str(err.value)
+
+
+def test_cancel_then_queue_again_resumes_where_it_stopped(model, monkeypatch, tmp_path):
+    # The threshold is 2048² outputs; the tiny test image stands in for a big one.
+    monkeypatch.setattr(upscale_mod, "RESUME_MIN_PIXELS", 1)
+    folder = tmp_path / "infdit_resume"
+    monkeypatch.setattr(bridge, "resume_dir", lambda: str(folder))
+    img, e = image(), unit()
+    reference = run(model, img, e, block_batch=1, resume="off")
+    assert not folder.exists()
+    # 2 steps = 3 network calls x 4 blocks; update 10 falls in the second half (step 1's calls).
+    monkeypatch.setattr(bridge, "progress_bar", Recorder(raise_at=10).factory)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, img, e, block_batch=1)
+    assert len(list(folder.iterdir())) == 1  # step 0's state, kept by the cancel
+    again = Recorder()
+    monkeypatch.setattr(bridge, "progress_bar", again.factory)
+    assert torch.equal(run(model, img, e, block_batch=1), reference)
+    assert again.updates[0][:2] == (2 * 4 + 1, 3 * 4)  # the bar starts after step 0's two calls
+    assert list(folder.iterdir()) == []  # a finished job deletes its checkpoint
 
 
 def test_bridge_without_comfyui(models_dir):
