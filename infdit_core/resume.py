@@ -36,8 +36,10 @@ SUFFIX = ".safetensors"
 KEEP = 2  # checkpoints a rank keeps of a job: a step all ranks have survives a crash mid-save
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes for hashing, without a copy when it already lies contiguous in host memory
+    (a 8192² canvas is 805 MB)."""
+    return memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def weights_identity(model) -> str:
@@ -74,24 +76,41 @@ def _fsync_dir(directory: str):
             os.close(fd)
 
 
+# A checkpoint file, and the temporary file a save writes first (left behind when a process dies
+# while saving): KEY.sSTEP.START-STOP.safetensors[.PID.tmp]
+_STEM = r"^(?P<key>[0-9a-f]+)\.s(?P<step>\d+)\.(?P<start>\d+)-(?P<stop>\d+)" + re.escape(SUFFIX)
+CHECKPOINT = re.compile(_STEM + r"(\.\d+\.tmp)?$")
+
+
 def prune(directory: str, max_bytes: int, keep: tuple[str, ...] = ()):
-    """Delete the oldest checkpoints until the folder holds at most max_bytes."""
-    files = [os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(SUFFIX)]
-    files = sorted((os.path.getmtime(f), f) for f in files if os.path.isfile(f))
-    total = sum(os.path.getsize(f) for _, f in files)
-    for _, path in files:
+    """Delete the oldest checkpoints (and temporary files of interrupted saves) until they take at
+    most max_bytes. Only files named as checkpoints count and go: the folder may hold others."""
+    files = []
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        try:
+            if CHECKPOINT.match(name) and os.path.isfile(path):
+                files.append((os.path.getmtime(path), os.path.getsize(path), name))
+        except FileNotFoundError:  # removed meanwhile by the job it belongs to
+            continue
+    files.sort()
+    total = sum(size for _, size, _ in files)
+    for _, size, name in files:
         if total <= max_bytes:
             break
-        if os.path.basename(path) in keep:
+        if name in keep:
             continue
-        total -= os.path.getsize(path)
-        os.remove(path)
+        total -= size
+        try:
+            os.remove(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
 
 
 class StateStore:
     """Saves and restores one rank's region of x for the job `key` in `directory`."""
 
-    NAME = re.compile(r"^(?P<key>[0-9a-f]+)\.s(?P<step>\d+)\.(?P<start>\d+)-(?P<stop>\d+)" + re.escape(SUFFIX) + "$")
+    NAME = re.compile(_STEM + "$")  # a complete checkpoint
 
     def __init__(self, directory: str, key: str, schedule: StripSchedule, block_size: int,
                  canvas_shape: tuple[int, ...], interval: float = 60.0, group=None,
@@ -121,11 +140,18 @@ class StateStore:
                 "canvas": json.dumps(self.canvas_shape), "sha256": hashlib.sha256(_tensor_bytes(x)).hexdigest()}
         path = self._path(step, *self.region)
         temporary = f"{path}.{os.getpid()}.tmp"
-        save_file({"x": x}, temporary, metadata=meta)
-        with open(temporary, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-        _fsync_dir(self.directory)
+        try:
+            save_file({"x": x}, temporary, metadata=meta)
+            with open(temporary, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+            _fsync_dir(self.directory)
+        except Exception as error:  # noqa: BLE001 - a lost checkpoint must never cost the job itself
+            self._remove(temporary)
+            self.last_save = time.monotonic()
+            warnings.warn(f"Inf-DiT: could not save the resume checkpoint of step {step} in {self.directory} "
+                          f"({type(error).__name__}: {str(error)[:200]}); the job goes on without it.")
+            return
         self.saved.append(step)
         self.last_save = time.monotonic()
         for old in self.saved[:-KEEP]:
@@ -164,10 +190,13 @@ class StateStore:
 
     def finish(self):
         """The job is done: its checkpoints go. Rank 0 removes them all, after the gather (no rank
-        reads them any more), whichever layout of regions wrote them."""
+        reads them any more), whichever layout of regions wrote them, and the temporary files of
+        saves a crash cut short."""
         if self.schedule.rank == 0:
-            for match in list(self._listing()):
-                self._remove(os.path.join(self.directory, match.string))
+            for name in os.listdir(self.directory):
+                match = CHECKPOINT.match(name)  # temporary files of saves killed midway go too
+                if match and match["key"] == self.key:
+                    self._remove(os.path.join(self.directory, name))
 
     # -- restoring ------------------------------------------------------------------------------
 
