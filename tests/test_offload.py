@@ -380,3 +380,32 @@ def test_out_of_memory_after_backoff_from_off_on_a_gpu_still_advises_offload_all
         warnings.simplefilter("ignore")
         _BackoffDenoiser(_FakeCudaDenoiser(Placement.for_mode("off", "cuda")))(None, 1.0)
     assert "offload all" in str(error.value)
+
+
+# --- benchmarks/gpu_offload_check.py -----------------------------------------------------------------
+
+def gpu_check_script():
+    import importlib.util
+    import pathlib
+    import sys
+
+    if "gpu_offload_check" not in sys.modules:  # its dataclass needs the module registered
+        path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_offload_check.py"
+        spec = importlib.util.spec_from_file_location("gpu_offload_check", path)
+        sys.modules["gpu_offload_check"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["gpu_offload_check"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the check would really run")
+def test_gpu_check_skips_without_cuda(capsys):
+    assert gpu_check_script().main([]) == 0
+    assert capsys.readouterr().out.startswith("skipped: no CUDA")
+
+
+def test_gpu_check_logic_on_cpu_with_the_tiny_model(capsys):
+    assert gpu_check_script().main(["--device", "cpu", "--tiny", "--sizes", "64,128"]) == 0
+    out = capsys.readouterr().out
+    assert "SMOKE RUN on the CPU" in out
+    assert "equality: 6 of 6 spilled runs bit-equal to their unspilled reference" in out
+    assert "auto@tiny budget       all         1" in out  # the small budget made auto spill
