@@ -147,6 +147,16 @@ def test_sample_spilled_equals_unspilled(model, monkeypatch, block_batch):
     assert (counter.spills > 0) == (block_batch == 1)
 
 
+def test_sample_takes_a_placement_with_auto_block_batch(model):
+    # sample() resolves the block batch for a given Placement through its mode.
+    inp = random_inputs(1, 2, 3, seed=22)
+    common = dict(lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=1, seed=5,
+                  block_batch="auto")
+    reference = sample(model, offload="off", **common)
+    for mode, slots in PLACEMENTS:
+        assert torch.equal(sample(model, offload=Placement.for_mode(mode, "cpu", slots), **common), reference)
+
+
 @pytest.mark.parametrize("mode", ["off", "canvas"])
 def test_canvases_live_where_the_placement_puts_them(model, mode):
     # A compute device other than the host, without running the network: the meta device.
