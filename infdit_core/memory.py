@@ -82,9 +82,11 @@ def block_kv_bytes(config: InfDiTConfig, dtype: torch.dtype) -> int:
 def plan(config: InfDiTConfig, H: int, W: int, block_batch: int, dtype: torch.dtype = torch.bfloat16,
          batch: int = 1, world: int = 1, offload: str = "off", kv_device_slots: int = 0) -> MemoryPlan:
     """Predicted peak bytes of sampling an H x W (padded to the block grid) output, per rank of
-    `world` (the largest strip), with the placement `offload` (off, canvas or all; see offload.py)."""
-    if offload not in ("off", "canvas", "all"):
-        raise ValueError(f"plan() takes offload off, canvas or all, got {offload!r}")
+    `world` (the largest strip), with the placement `offload` (off, canvas or all, or kv: the K/V
+    cache alone spilled, as the out-of-memory back-off does; see offload.py)."""
+    if offload not in ("off", "canvas", "all", "kv"):
+        raise ValueError(f"plan() takes offload off, canvas, all or kv, got {offload!r}")
+    canvas_on_device = offload in ("off", "kv")
     e = torch.empty((), dtype=dtype).element_size()
     s = config.block_size
     rows, cols = math.ceil(H / s), math.ceil(W / s)
@@ -98,24 +100,24 @@ def plan(config: InfDiTConfig, H: int, W: int, block_batch: int, dtype: torch.dt
     # the previous rank); the fresh K/V of the blocks in flight are counted with the activations.
     cached = 0 if m >= blocks and world == 1 else (strip + 1 + (world > 1)) * kv_block
     kv_device = cached
-    if offload == "all":
+    if offload in ("all", "kv"):
         # The next call's neighbours and the extra slots stay on the device; the rest of the line
         # waits on the host. m consecutive blocks read up to m + 1 blocks of the previous line (top
         # and top-left) and the left neighbour of the first one, which this call computed.
         kv_device = min(cached, (kv_device_slots + m + 2) * kv_block)
     canvas_bytes = CANVASES * batch * 3 * long * s * strip * s * 4
     # Block inputs and outputs staged for one call when the canvases live on the host.
-    staging = m * (6 + 3 + 3) * s * s * 4 if offload != "off" else 0
+    staging = 0 if canvas_on_device else m * (6 + 3 + 3) * s * s * 4
     return MemoryPlan(
         weights=parameter_count(config) * e,
         kv_cache=kv_device,
         activations=ACTIVATION_FACTOR * m * block_bytes + staging,
-        canvases=canvas_bytes if offload == "off" else 0,
+        canvases=canvas_bytes if canvas_on_device else 0,
         block_batch=m,
         blocks=blocks,
         boundary=EDGE_BUFFERS * kv_block if world > 1 else 0,
         kv_host=cached - kv_device,
-        canvases_host=canvas_bytes if offload != "off" else 0,
+        canvases_host=0 if canvas_on_device else canvas_bytes,
         world=world,
         offload=offload,
     )
@@ -131,6 +133,12 @@ def free_memory(device: Union[str, torch.device]) -> int:
     with open("/proc/meminfo") as f:  # Linux; elsewhere assume a modest 8 GB
         info = dict(line.split(":", 1) for line in f)
     return int(info["MemAvailable"].split()[0]) * 1024 if "MemAvailable" in info else 8 << 30
+
+
+def default_budget(device) -> int:
+    """Working memory a run may plan for: free memory less headroom for the allocator's
+    fragmentation and for other work on the device."""
+    return int(0.8 * free_memory(device))
 
 
 def choose_block_batch(config: InfDiTConfig, H: int, W: int, dtype: torch.dtype, budget: int,
@@ -172,8 +180,7 @@ def resolve_execution(block_batch: Union[int, str], offload: str, config: InfDiT
     if block_batch != "auto" and (not isinstance(block_batch, int) or block_batch < 1):
         raise ValueError(f"block_batch must be 'auto' or a positive integer, got {block_batch!r}")
     if budget is None:
-        # Leave headroom for the allocator's fragmentation and for other work on the device.
-        budget = int(0.8 * free_memory(device))
+        budget = default_budget(device)
     smallest = 1 if block_batch == "auto" else block_batch
     mode, slots = offload, 0
     if offload == "auto":

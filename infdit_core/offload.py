@@ -31,6 +31,9 @@ class Placement:
     compute: torch.device
     canvas: torch.device  # where the sampler's canvases live
     kv_device_slots: Optional[int] = None  # None: the K/V cache stays on the compute device
+    # off, canvas or all; "kv" for the K/V-only spill the out-of-memory back-off adds to off. Kept
+    # by name: on a CPU compute device every mode has the same devices.
+    mode: str = "off"
 
     @classmethod
     def for_mode(cls, mode: str, compute, kv_device_slots: int = 0) -> "Placement":
@@ -38,23 +41,19 @@ class Placement:
         if mode == "off":
             return cls(compute, compute)
         if mode == "canvas":
-            return cls(compute, HOST)
+            return cls(compute, HOST, mode="canvas")
         if mode == "all":
-            return cls(compute, HOST, kv_device_slots)
+            return cls(compute, HOST, kv_device_slots, mode="all")
         raise ValueError(f"offload must be one of {', '.join(MODES)} (auto is resolved by the planner), got {mode!r}")
-
-    @property
-    def mode(self) -> str:
-        if self.kv_device_slots is not None:
-            return "all"
-        return "off" if self.canvas == self.compute else "canvas"
 
     @property
     def spills_kv(self) -> bool:
         return self.kv_device_slots is not None
 
     def with_kv_spill(self) -> "Placement":
-        return Placement(self.compute, self.canvas, 0)
+        if self.spills_kv:
+            return self
+        return Placement(self.compute, self.canvas, 0, "all" if self.mode == "canvas" else "kv")
 
     def _pinned(self) -> bool:
         return self.compute.type == "cuda"

@@ -18,7 +18,7 @@ from .config import SR_SCALE
 from .denoiser import BlockSweepDenoiser
 from .distributed import (AUTO, StripExchange, broadcast_from_first, cpu_group, gather_strips, resolve_group,
                           world_and_rank)
-from .memory import empty_cache, is_out_of_memory, resolve_execution
+from .memory import choose_block_batch, default_budget, empty_cache, is_out_of_memory, resolve_execution
 from .model import InfDiT
 from .offload import Placement
 from .resume import StateStore, job_key
@@ -109,9 +109,10 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
         warnings.warn(f"Inf-DiT: {world} ranks for {len([p for p in schedule.strips if p])} strips of blocks: "
                       "the extra ranks stay idle")
     if isinstance(offload, Placement):
-        batch = block_batch if block_batch != "auto" else resolve_execution(
-            "auto", offload.mode, model.config, H, W, model.dtype, model.device, B, world)[0]
         placement = offload
+        batch = block_batch if block_batch != "auto" else choose_block_batch(
+            model.config, H, W, model.dtype, default_budget(model.device), B, world, placement.mode,
+            placement.kv_device_slots or 0)
     else:
         batch, placement, _ = resolve_execution(block_batch, offload, model.config, H, W, model.dtype,
                                                 model.device, B, world)

@@ -384,10 +384,7 @@ class _FakeCudaDenoiser:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-# Not strict: a change to Placement.mode that names this K/V-only placement is under way.
-@pytest.mark.xfail(strict=False, reason="after backing off from offload 'off' on a GPU the placement is "
-                   "Placement(cuda, cuda, 0): Placement.mode said 'all' though the canvases are still on the "
-                   "device, so out_of_memory_advice (pipeline.py) did not suggest moving them to the host")
+# Backing off from 'off' spills the K/V cache only: the canvases are still on the device.
 def test_out_of_memory_after_backoff_from_off_on_a_gpu_still_advises_offload_all():
     with warnings.catch_warnings(), pytest.raises(OutOfMemory) as error:
         warnings.simplefilter("ignore")
