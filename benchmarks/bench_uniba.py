@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from infdit_core import BlockSweepDenoiser, InfDiT, InfDiTConfig, plan, sample  # noqa: E402
-from infdit_core.memory import resolve_block_batch  # noqa: E402
+from infdit_core.memory import resolve_execution  # noqa: E402
 
 CONFIG = InfDiTConfig(num_layers=4, hidden_size=160, num_heads=2, patch_size=4, block_size=128, image_size=512)
 DEFAULT_SIZES = "256x256,512x512,1024x512,2048x512,1024x1024,512x2048"
@@ -110,7 +110,7 @@ def main():
         inp = inputs(1, H, W, device)
         whole_time, whole_mem = denoiser_call(model, inp, blocks, meter)
         modes = [("whole image", blocks)] + [(f"sweep bb={b}", b) for b in (1, 2, 4) if b < blocks]
-        auto = resolve_block_batch("auto", CONFIG, H, W, dtype, device)
+        auto = resolve_execution("auto", "off", CONFIG, H, W, dtype, device)[0]
         modes.append((f"auto ={auto}", auto))
         for name, bb in modes:
             t, mem = (whole_time, whole_mem) if bb == blocks else denoiser_call(model, inp, bb, meter)
