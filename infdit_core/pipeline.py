@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Union
 
 import torch
@@ -21,7 +21,7 @@ from .distributed import (AUTO, StripExchange, broadcast_from_first, cpu_group, 
 from .memory import choose_block_batch, default_budget, empty_cache, is_out_of_memory, resolve_execution
 from .model import InfDiT
 from .offload import Placement
-from .resume import StateStore, job_key
+from .resume import StateStore, job_key, remove_job
 from .sampling import DEFAULT_STEPS, initial_state, karras_sigmas, network_calls, sample_heun, strip_noise
 from .strips import StripSchedule
 
@@ -44,6 +44,10 @@ class Resume:
     directory: str
     interval: float = 60.0  # seconds between saves; 0 = after every step
     max_bytes: Optional[int] = None  # cap on the folder: the oldest checkpoints are pruned
+    # A chained pass keeps its final state until the whole chain is done, so a rerun after an
+    # interrupt in a later pass restores it instead of redoing it; `key` is then its job key.
+    keep_result: bool = False
+    key: Optional[str] = None
 
 
 def out_of_memory_advice(placement: Placement) -> str:
@@ -118,8 +122,8 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
                                                 model.device, B, world)
     store = None
     if resume is not None:
-        key = job_key(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, steps=steps,
-                      seed=0 if seed is None else seed, noise=noise, lr_noise_init=lr_noise_init)
+        key = resume.key or job_key(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, steps=steps,
+                                    seed=0 if seed is None else seed, noise=noise, lr_noise_init=lr_noise_init)
         store = StateStore(resume.directory, key, schedule, s, concat_lr.shape, resume.interval,
                            group=cpu_group(group) if group is not None else None, max_bytes=resume.max_bytes)
     denoiser = BlockSweepDenoiser(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, block_batch=batch,
@@ -163,9 +167,11 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
         raise
     if denoiser.exchange is not None:
         denoiser.exchange.close()
+    if store is not None and resume.keep_result:
+        store.keep(steps - 1, x)
     if world > 1:
         x = gather_strips(x, schedule, s, group, tuple(concat_lr.shape))
-    if store is not None:
+    if store is not None and not resume.keep_result:
         store.finish()
     return x
 
@@ -216,9 +222,14 @@ def prepare_condition(image: torch.Tensor, out_hw: tuple[int, int], block_size: 
     return concat, lr
 
 
-def _upscale_rgb(model, rgb, out_hw, **options):
+def _upscale_rgb(model, rgb, out_hw, *, resume: Optional[Resume], keep: list, **options):
     concat, lr = prepare_condition(rgb * 2 - 1, out_hw, model.config.block_size)
-    x = sample(model, lr=lr, concat_lr=concat, **options)
+    if resume is not None and resume.keep_result:
+        resume = replace(resume, key=job_key(model, lr=lr, concat_lr=concat, clip_vector=options["clip_vector"],
+                                             steps=options["steps"], seed=options["seed"], noise=None,
+                                             lr_noise_init=options["lr_noise_init"]))
+        keep.append(resume.key)
+    x = sample(model, lr=lr, concat_lr=concat, resume=resume, **options)
     return None if x is None else ((x[:, :, :out_hw[0], :out_hw[1]] + 1) / 2).clamp(0, 1)
 
 
@@ -247,15 +258,21 @@ def upscale(model: InfDiT, image: torch.Tensor, *, scale: float = 4.0, clip_vect
     gray = C == 1 or bool((rgb == rgb[:, :1]).all())
     group = resolve_group(group)
     factors = chain_factors(scale)
+    kept: list[str] = []  # job keys of finished passes whose results a rerun may need
     done = 1.0
     for n, factor in enumerate(factors):
         done *= factor
         out_hw = output_size(h, w, done)
+        last = n + 1 == len(factors)
         rgb = _upscale_rgb(model, rgb.float(), out_hw, clip_vector=clip_vector, steps=steps, seed=seed,
                            lr_noise_init=lr_noise_init, block_batch=block_batch, callback=callback,
-                           offload=offload, group=group, resume=resume)
-        if group is not None and n + 1 < len(factors):
+                           offload=offload, group=group, keep=kept,
+                           resume=resume if resume is None or last else replace(resume, keep_result=True))
+        if group is not None and not last:
             rgb = broadcast_from_first(rgb, (B, 3, *out_hw), group)  # the next pass starts from it everywhere
+    if world_and_rank(group)[1] == 0:
+        for key in kept:
+            remove_job(resume.directory, key)
     if rgb is None:
         return None
     out_hw = tuple(rgb.shape[-2:])

@@ -107,6 +107,17 @@ def prune(directory: str, max_bytes: int, keep: tuple[str, ...] = ()):
             pass
 
 
+def remove_job(directory: str, key: str):
+    """Delete every checkpoint of the job `key`, and the temporary files of saves a crash cut short."""
+    for name in os.listdir(directory):
+        match = CHECKPOINT.match(name)
+        if match and match["key"] == key:
+            try:
+                os.remove(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+
+
 class StateStore:
     """Saves and restores one rank's region of x for the job `key` in `directory`."""
 
@@ -188,15 +199,16 @@ class StateStore:
             self.save(*self.latest)
             self.latest = None
 
+    def keep(self, step: int, x: torch.Tensor):
+        """Make sure the final state is on disk (a chained pass a later pass builds on)."""
+        if not self.saved or self.saved[-1] != step:
+            self.save(step, x)
+
     def finish(self):
         """The job is done: its checkpoints go. Rank 0 removes them all, after the gather (no rank
-        reads them any more), whichever layout of regions wrote them, and the temporary files of
-        saves a crash cut short."""
+        reads them any more), whichever layout of regions wrote them."""
         if self.schedule.rank == 0:
-            for name in os.listdir(self.directory):
-                match = CHECKPOINT.match(name)  # temporary files of saves killed midway go too
-                if match and match["key"] == self.key:
-                    self._remove(os.path.join(self.directory, name))
+            remove_job(self.directory, self.key)
 
     # -- restoring ------------------------------------------------------------------------------
 

@@ -496,3 +496,32 @@ def test_cli_killed_midway_resumes_to_the_same_png(tmp_path):
 def checkpoints_or_partial(folder):
     """Steps of the complete checkpoint files (a save the kill cut short leaves a .tmp, not a checkpoint)."""
     return [int(m["step"]) for n in os.listdir(folder) if (m := StateStore.NAME.match(n))]
+
+
+def test_an_interrupt_in_a_later_chained_pass_keeps_the_finished_pass(model, tmp_path, caplog):
+    """8x runs as 4x then 2x: the 4x pass keeps its final state until the chain is done, so a
+    rerun after an interrupt in the 2x pass restores it instead of sampling it again."""
+    image = torch.rand(1, 3, 6, 5, generator=torch.Generator().manual_seed(8))
+    common = dict(scale=8.0, clip_vector=torch.zeros(1, 768), steps=2, seed=3, block_batch=1)
+    calls = []
+    reference = upscale(model, image, callback=lambda *a: calls.append(a), **common)
+    first_pass = sum(1 for c in calls if c[4].shape[-1] == 32)  # 5 px x4 = 20, padded to one 32-px block
+    folder = tmp_path / "resume"
+    seen = []
+
+    def cancel_in_second_pass(step, steps, done, total, preview):
+        seen.append(preview.shape)
+        if preview.shape[-1] != 32 and step == 1:
+            raise Cancelled("cancelled in the 2x pass")
+
+    with pytest.raises(Cancelled):
+        upscale(model, image, callback=cancel_in_second_pass, resume=Resume(str(folder), interval=0), **common)
+    assert 0 < first_pass < len(seen)
+    rerun = []
+    with caplog.at_level(logging.INFO, logger="infdit"):
+        out = upscale(model, image, callback=lambda *a: rerun.append(a), resume=Resume(str(folder), interval=0),
+                      **common)
+    assert torch.equal(out, reference)
+    assert [int(m[0]) for m in RESUMED.findall(caplog.text)] == [2, 1]  # pass 1 restored whole, pass 2 at step 1
+    assert not any(c[4].shape[-1] == 32 for c in rerun)  # no network call of the first pass again
+    assert os.listdir(folder) == []  # both passes' checkpoints gone once the chain is done
