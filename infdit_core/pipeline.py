@@ -139,12 +139,12 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
         del eps
     total_calls = network_calls(steps)
     resilient = _BackoffDenoiser(denoiser, retry=world == 1)
-    resilient.calls_done = 2 * start
+    resilient.calls_done = min(2 * start, total_calls)  # two calls a step, one in the last
     if world > 1:
         cfg = model.config
         kv_shape = (cfg.num_layers, 2, cfg.num_heads, cfg.block_tokens ** 2, cfg.head_dim)
         denoiser.exchange = StripExchange(schedule, group, model.device, model.dtype, kv_shape,
-                                          sweeps=total_calls - 2 * start)
+                                          sweeps=total_calls - resilient.calls_done)
     state = {"step": start}
     if callback is not None:
         # Progress over all ranks, read off this rank's strip: the strips differ by one block at most.
@@ -154,6 +154,8 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
             blocks = round((resilient.calls_done * total + done) * share)
             callback(state["step"], steps, blocks, round(total_calls * total * share), estimate)
         denoiser.on_blocks = on_blocks
+        if start > 0:
+            on_blocks(0, denoiser.num_blocks, denoiser.canvas.concat_lr)  # the bar shows the resumed point at once
 
     def on_step(i):
         state["step"] = i

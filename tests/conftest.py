@@ -83,3 +83,59 @@ def models_dir(models_root, monkeypatch):
     """models_root as the pack's model folder (ComfyUI absent: $INFDIT_MODELS_DIR)."""
     monkeypatch.setenv("INFDIT_MODELS_DIR", str(models_root))
     return models_root
+
+
+# --- helpers shared by test files ------------------------------------------------------------------
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (multi-process tests talk only over 127.0.0.1)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(target, world: int, *args, timeout: float = 240):
+    """Run target(rank, world, port, *args) in `world` spawned processes; they must all exit 0 in time."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    port = free_port()
+    processes = [context.Process(target=target, args=(rank, world, port, *args)) for rank in range(world)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout=timeout)
+    codes = [p.exitcode for p in processes]
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+    assert codes == [0] * world, f"rank exit codes {codes}"
+
+
+class OutOfMemoryInjector:
+    """Fails a network call, like a device out of memory, while it holds more than `limit` blocks or
+    (with `until_spilled`) while the K/V cache is not spilled. `error` is the exception type; a
+    RuntimeError gets the CPU allocator's message."""
+
+    def __init__(self, model, limit, error=None, until_spilled=False):
+        import torch
+
+        self.model, self.limit, self.until_spilled = model, limit, until_spilled
+        self.error = error or torch.OutOfMemoryError
+        self.original = model.forward_blocks
+        self.failures = 0
+
+    def __enter__(self):
+        def forward_blocks(inputs, cond, cache):
+            if inputs.z.shape[0] > self.limit or (self.until_spilled and cache.placement is None):
+                self.failures += 1
+                raise self.error("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2147483648 bytes"
+                                 if self.error is RuntimeError else "CUDA out of memory. Tried to allocate 2.00 GiB")
+            return self.original(inputs, cond, cache)
+        self.model.forward_blocks = forward_blocks
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.forward_blocks

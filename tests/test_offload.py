@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import OutOfMemoryInjector
 from infdit_core import BlockSweepDenoiser, InfDiTConfig, load_model, plan, sample
 from infdit_core import memory
 from infdit_core.memory import HostMemoryError, resolve_execution
@@ -298,28 +299,6 @@ def test_cpu_compute_counts_the_working_set_as_host_memory(model, no_cuda):
 
 
 # --- out-of-memory back-off ------------------------------------------------------------------------
-
-class OutOfMemoryInjector:
-    """Fails a network call, like a device out of memory, while it holds more than `limit` blocks or
-    (with `until_spilled`) while the K/V cache is not spilled."""
-
-    def __init__(self, model, limit, until_spilled=False):
-        self.model, self.limit, self.until_spilled = model, limit, until_spilled
-        self.original = model.forward_blocks
-        self.failures = 0
-
-    def __enter__(self):
-        def forward_blocks(inputs, cond, cache):
-            if inputs.z.shape[0] > self.limit or (self.until_spilled and cache.placement is None):
-                self.failures += 1
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return self.original(inputs, cond, cache)
-        self.model.forward_blocks = forward_blocks
-        return self
-
-    def __exit__(self, *exc):
-        del self.model.forward_blocks
-
 
 def backoff_warnings(caught):
     return [str(w.message) for w in caught if "out of memory" in str(w.message)]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
 
+from conftest import spawn_ranks
 from infdit_core import load_model, sample, upscale
 from infdit_core.pipeline import Resume
 from infdit_core.resume import StateStore, prune
@@ -105,11 +105,12 @@ def test_interrupted_run_resumes_bit_for_bit(model, tmp_path, caplog, interval):
     out = sample(model, **case, callback=counter, resume=resume)
     assert torch.equal(out, reference)
     assert resumed_steps(caplog) == [(K, STEPS)]
-    # Fewer network calls: steps 0 .. K-1 (two calls each) are not redone, and the progress goes on
-    # from where the interrupted run stopped.
+    # Fewer network calls: steps 0 .. K-1 (two calls each) are not redone, and the progress starts
+    # (one update at once) where the interrupted run's last finished step ended.
     per_call = math.ceil(blocks / batch)
-    assert len(counter.calls) == (network_calls(STEPS) - 2 * K) * per_call
-    assert counter.calls[0] == (K, 2 * K * blocks + batch, network_calls(STEPS) * blocks)
+    assert len(counter.calls) == 1 + (network_calls(STEPS) - 2 * K) * per_call
+    assert counter.calls[0] == (K, 2 * K * blocks, network_calls(STEPS) * blocks)
+    assert counter.calls[1] == (K, 2 * K * blocks + batch, network_calls(STEPS) * blocks)
     assert counter.calls[-1][1:] == (network_calls(STEPS) * blocks,) * 2
     assert os.listdir(tmp_path) == [], "a finished job leaves no checkpoint"
 
@@ -128,7 +129,7 @@ def test_resume_with_another_block_batch_and_offload(model, tmp_path, caplog):
     counter = Counter()
     out = sample(model, **case, block_batch=6, offload="all", callback=counter, resume=resume)
     assert resumed_steps(caplog) == [(K, STEPS)]
-    assert counter.calls[0][1] == 2 * K * 6 + 6
+    assert [c[1] for c in counter.calls[:2]] == [2 * K * 6, 2 * K * 6 + 6]
     # Other block batches sum in another order inside a network call: float rounding only.
     assert rel_l2(out, reference) <= 1e-5
     assert rel_l2(out, sample(model, **case, block_batch=6)) <= 1e-5
@@ -146,7 +147,8 @@ def test_crash_after_the_last_step_returns_the_saved_result(model, tmp_path, cap
     caplog.set_level(logging.INFO, logger="infdit")
     counter = Counter()
     assert torch.equal(sample(model, **case, callback=counter, resume=Resume(str(tmp_path), 0)), reference)
-    assert resumed_steps(caplog) == [(2, 2)] and counter.calls == []
+    assert resumed_steps(caplog) == [(2, 2)]
+    assert counter.calls == [(2, 3 * 6, 3 * 6)]  # the bar at its end at once; no network call
     assert os.listdir(tmp_path) == []
 
 
@@ -377,13 +379,6 @@ def test_finished_job_removes_temporary_files_of_a_killed_save(model, tmp_path):
 # (one process -> 2 ranks: tests/test_distributed.py::test_a_single_process_job_resumes_on_two_ranks)
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DIST_STEPS = 3
 
 
@@ -403,20 +398,7 @@ def _rank_main(rank, world, port, model_path, folder):
 
 
 def test_strips_of_two_ranks_resume_in_one_process(model, golden_dir, tmp_path, caplog):
-    context = mp.get_context("spawn")
-    port = free_port()
-    processes = [context.Process(target=_rank_main,
-                                 args=(r, 2, port, str(golden_dir / "tiny_model.safetensors"), str(tmp_path)))
-                 for r in range(2)]
-    for p in processes:
-        p.start()
-    for p in processes:
-        p.join(timeout=240)
-    codes = [p.exitcode for p in processes]
-    for p in processes:
-        if p.is_alive():
-            p.kill()
-    assert codes == [0, 0], f"rank exit codes {codes}"
+    spawn_ranks(_rank_main, 2, str(golden_dir / "tiny_model.safetensors"), str(tmp_path))
     # Each step is two strip files. Without one strip of the last step that step does not cover the
     # canvas: the process resumes from the step before, put together from its two strips.
     saved = checkpoints(tmp_path)
@@ -523,5 +505,6 @@ def test_an_interrupt_in_a_later_chained_pass_keeps_the_finished_pass(model, tmp
                       **common)
     assert torch.equal(out, reference)
     assert [int(m[0]) for m in RESUMED.findall(caplog.text)] == [2, 1]  # pass 1 restored whole, pass 2 at step 1
-    assert not any(c[4].shape[-1] == 32 for c in rerun)  # no network call of the first pass again
+    # The first pass is not sampled again: its one progress update says it is done.
+    assert [c[2:4] for c in rerun if c[4].shape[-1] == 32] == [(first_pass, first_pass)]
     assert os.listdir(folder) == []  # both passes' checkpoints gone once the chain is done

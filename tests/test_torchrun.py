@@ -2,7 +2,6 @@
 single-process files; a rank killed mid-run fails the job quickly, names the rank, writes nothing."""
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -13,13 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env():

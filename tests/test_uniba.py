@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import OutOfMemoryInjector
 from infdit_core import BlockSweepDenoiser, denoise, karras_sigmas, load_model, plan, sample
 from infdit_core.memory import choose_block_batch
 from infdit_core.pipeline import OutOfMemory
@@ -169,32 +170,11 @@ def test_exception_in_callback_stops_and_model_stays_usable(model):
     torch.testing.assert_close(sample(model, **common), sample(model, **common), rtol=0, atol=0)
 
 
-class FlakyAllocator:
-    """Fails any network call holding more than `limit` blocks, like a device running out of memory."""
-
-    def __init__(self, model, limit, error=torch.OutOfMemoryError):
-        self.model, self.limit, self.error, self.failures = model, limit, error, 0
-        self.original = model.forward_blocks
-
-    def __enter__(self):
-        def forward_blocks(inputs, cond, neighbours):
-            if inputs.z.shape[0] > self.limit:
-                self.failures += 1
-                raise self.error("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2147483648 bytes"
-                                 if self.error is RuntimeError else "CUDA out of memory. Tried to allocate 2.00 GiB")
-            return self.original(inputs, cond, neighbours)
-        self.model.forward_blocks = forward_blocks
-        return self
-
-    def __exit__(self, *exc):
-        del self.model.forward_blocks
-
-
 def test_out_of_memory_halves_block_batch_and_gives_same_pixels(model):
     inp = random_inputs(1, 2, 4, seed=14)
     common = dict(lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], steps=2, seed=3)
     reference = sample(model, block_batch=8, **common)
-    with FlakyAllocator(model, limit=2) as flaky, warnings.catch_warnings(record=True) as caught:
+    with OutOfMemoryInjector(model, limit=2) as flaky, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = sample(model, block_batch=8, **common)
     assert [str(w.message) for w in caught] == [f"Inf-DiT: out of memory, retrying with block_batch={n}"
@@ -210,17 +190,17 @@ def one_step(model, seed, block_batch):
 
 
 def test_cpu_allocator_failure_is_treated_as_out_of_memory(model):
-    with FlakyAllocator(model, limit=1, error=RuntimeError), pytest.warns(UserWarning):
+    with OutOfMemoryInjector(model, limit=1, error=RuntimeError), pytest.warns(UserWarning):
         one_step(model, 15, block_batch=2)
 
 
 def test_out_of_memory_at_one_block_says_what_to_do(model):
-    with FlakyAllocator(model, limit=0), pytest.raises(OutOfMemory, match="Lower the output size"):
+    with OutOfMemoryInjector(model, limit=0), pytest.raises(OutOfMemory, match="Lower the output size"):
         one_step(model, 16, block_batch=1)
 
 
 def test_other_errors_are_not_retried(model):
-    with FlakyAllocator(model, limit=0, error=ValueError), pytest.raises(ValueError):
+    with OutOfMemoryInjector(model, limit=0, error=ValueError), pytest.raises(ValueError):
         one_step(model, 17, block_batch=2)
 
 
