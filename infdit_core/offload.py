@@ -10,9 +10,12 @@ the next call reads (plus `kv_device_slots` more, the soonest needed first) and 
 waits in host memory. Placement changes where tensors live, never the arithmetic.
 
 Copies run on the compute stream as non-blocking copies through pinned host memory. Stream order
-guarantees that a spilled block is never read before its copy completes, and torch's pinned-memory
-allocator does not hand a host buffer out again while a copy into or out of it is pending. They
-overlap the host-side work of the sweep (gathering the next call's inputs), not the kernels.
+guarantees that a spilled block is never read before its copy completes, and that a host buffer
+handed out again (HostSlots reuses them; torch's allocator does the same for the pinned staging of
+block inputs) is written only after the copy out of it. They overlap the host-side work of the
+sweep (gathering the next call's inputs), not the kernels. The canvases themselves stay in pageable
+memory: block inputs are gathered into a fresh tensor anyway, which is pinned on its way to the
+device, and pinning gigabytes of canvases would only take memory away from the rest of the system.
 On a CPU compute device the same code path runs with host-to-host copies.
 """
 from __future__ import annotations
@@ -70,11 +73,45 @@ class Placement:
         """A compute-side result on the canvas device (synchronous: the sampler reads it next)."""
         return t.to(self.canvas)
 
-    def spill(self, t: torch.Tensor) -> torch.Tensor:
-        """A host copy of a cached K/V tensor."""
-        host = torch.empty(t.shape, dtype=t.dtype, device=HOST, pin_memory=self._pinned())
+    def spill(self, t: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+        """`host` (a buffer of t's shape in host memory) holding a copy of the K/V tensor t."""
         return host.copy_(t, non_blocking=True)
 
     def fetch(self, t: torch.Tensor) -> torch.Tensor:
         """A spilled K/V tensor back on the compute device."""
         return t.to(self.compute, non_blocking=True, copy=True)
+
+
+class HostSlots:
+    """Host buffers for spilled K/V, carved out of a few large allocations.
+
+    torch's pinned-memory allocator rounds every allocation up to a power of two, so one layer's K
+    of one block (2.6 MB for the released model) would take 4 MiB. A slab of a power-of-two size
+    holds at least SLOTS_PER_SLAB buffers and wastes less than one. A buffer goes back to the free
+    list once its block is fetched; a later spill into it is ordered after that fetch because all
+    copies run on the compute stream, and the host never reads these buffers itself."""
+
+    SLOTS_PER_SLAB = 64
+
+    def __init__(self, placement: Placement):
+        self.placement = placement
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.slab_bytes = 0  # host memory held in slabs
+
+    def spill(self, t: torch.Tensor) -> torch.Tensor:
+        free = self.free.setdefault((tuple(t.shape), t.dtype), [])
+        if not free:
+            size = t.numel() * t.element_size()
+            slots = (1 << (self.SLOTS_PER_SLAB * size - 1).bit_length()) // size
+            slab = torch.empty((slots, *t.shape), dtype=t.dtype, device=HOST, pin_memory=self.placement._pinned())
+            self.slab_bytes += slab.numel() * slab.element_size()
+            free.extend(slab.unbind(0))
+        return self.placement.spill(t, free.pop())
+
+    def fetch(self, host: torch.Tensor) -> torch.Tensor:
+        on_device = self.placement.fetch(host)
+        self.release(host)
+        return on_device
+
+    def release(self, host: torch.Tensor):
+        self.free[(tuple(host.shape), host.dtype)].append(host)

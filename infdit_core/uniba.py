@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .config import LR_PATCH, NUM_SLOTS, InfDiTConfig
 from .model import BlockInputs
-from .offload import Placement
+from .offload import HostSlots, Placement
 from .strips import Block, StripSchedule
 
 
@@ -59,6 +59,7 @@ class KVCache:
         self.stores: list[dict[Block, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(num_layers)]
         self.spilled: list[set[Block]] = [set() for _ in range(num_layers)]
         self.placement = placement if placement is not None and placement.spills_kv else None
+        self.host = HostSlots(placement) if self.placement is not None else None
         self.outgoing = set(outgoing)
         self.outbox: dict[Block, torch.Tensor] = {}
         self.peak_blocks = 0  # most blocks held by one layer's store at any time
@@ -94,8 +95,11 @@ class KVCache:
         keys = torch.stack(keys).view(M, NUM_SLOTS, *k.shape[1:])
         values = torch.stack(values).view(M, NUM_SLOTS, *v.shape[1:])
         for source in [s for s in store if self.last_reader[s] <= self.call]:
+            if source in self.spilled[layer]:
+                self.spilled[layer].remove(source)
+                for host in store[source]:
+                    self.host.release(host)
             del store[source]
-            self.spilled[layer].discard(source)
         for m, block in enumerate(self.blocks):
             if self.last_reader[block] > self.call:
                 # A copy, so the call's whole K/V tensor is not kept alive by one cached block.
@@ -124,10 +128,10 @@ class KVCache:
         keep = set(ranked[:needed + self.placement.kv_device_slots])
         for source, (key, value) in store.items():
             if source in keep and source in spilled:
-                store[source] = (self.placement.fetch(key), self.placement.fetch(value))
+                store[source] = (self.host.fetch(key), self.host.fetch(value))
                 spilled.remove(source)
             elif source not in keep and source not in spilled:
-                store[source] = (self.placement.spill(key), self.placement.spill(value))
+                store[source] = (self.host.spill(key), self.host.spill(value))
                 spilled.add(source)
 
 

@@ -3,7 +3,7 @@
 Spilled and unspilled runs agree bit for bit (torch.equal) for every placement, block batch, batch
 and odd grid, in one denoiser call and in a full `sample`. The compute device here is the CPU:
 Placement.for_mode('all', 'cpu') still spills every K/V block it does not keep through
-Placement.spill()/fetch() into fresh host tensors, the code path a CUDA run takes (without pinned
+Placement.spill()/fetch() into host buffers, the code path a CUDA run takes (without pinned
 memory and streams). 'canvas' on a CPU compute device keeps the canvases where they already are,
 so there it only checks that the mode runs; where canvases go with a compute device other than the
 host is checked with the meta device. Also: the planner's device/host split against a hand
@@ -19,7 +19,7 @@ from conftest import OutOfMemoryInjector
 from infdit_core import BlockSweepDenoiser, InfDiTConfig, load_model, plan, sample
 from infdit_core import memory
 from infdit_core.memory import HostMemoryError, resolve_execution
-from infdit_core.offload import HOST, Placement
+from infdit_core.offload import HOST, HostSlots, Placement
 from infdit_core.pipeline import OutOfMemory, _BackoffDenoiser
 from infdit_core.strips import StripSchedule
 from infdit_core.uniba import BlockCanvas
@@ -55,9 +55,9 @@ class SpillCounter:
         self.spills = self.fetches = 0
         spill, fetch = Placement.spill, Placement.fetch
 
-        def counting_spill(placement, t):
+        def counting_spill(placement, t, host):
             self.spills += 1
-            return spill(placement, t)
+            return spill(placement, t, host)
 
         def counting_fetch(placement, t):
             self.fetches += 1
@@ -398,3 +398,18 @@ def test_gpu_check_logic_on_cpu_with_the_tiny_model(capsys):
     assert "SMOKE RUN on the CPU" in out
     assert "equality: 6 of 6 spilled runs bit-equal to their unspilled reference" in out
     assert "auto@tiny budget       all         1" in out  # the small budget made auto spill
+
+
+def test_host_slots_carve_power_of_two_slabs_and_reuse_buffers():
+    # torch rounds pinned allocations up to a power of two: slabs of that size waste < one buffer.
+    host = HostSlots(Placement.for_mode("all", "cpu"))
+    t = torch.arange(2 * 3 * 5, dtype=torch.float32).view(2, 3, 5)  # 120 bytes
+    copies = [host.spill(t + n) for n in range(70)]
+    # 64 x 120 = 7680 bytes -> 8192: a slab of 68 buffers (8160 bytes, which the allocator rounds to 8192).
+    assert host.slab_bytes == 2 * 68 * 120
+    assert all(torch.equal(c, t + n) for n, c in enumerate(copies))
+    assert len({c.data_ptr() for c in copies}) == 70  # live buffers never share memory
+    back = host.fetch(copies[3])
+    assert torch.equal(back, t + 3) and back.data_ptr() != copies[3].data_ptr()
+    again = host.spill(t * 0)  # takes the buffer the fetch gave back, no new slab
+    assert again.data_ptr() == copies[3].data_ptr() and host.slab_bytes == 2 * 68 * 120
