@@ -22,11 +22,11 @@ import torch.distributed as dist
 from .strips import Block, StripSchedule
 from .uniba import KVCache, neighbour_slots
 
-# Sends a rank leaves in flight before waiting for the oldest: lets it run a little ahead of the
-# next rank without holding an unbounded number of K/V messages.
-MAX_PENDING = 3
-# Receives posted ahead of need.
-RECEIVES_AHEAD = 2
+# Sends a rank leaves in flight before waiting for the oldest, and receives it posts ahead of need.
+# One of each overlaps every transfer with a call's compute; more would only let the previous rank
+# run further ahead, each message holding one block's K/V of every layer (147 MB at the released size).
+MAX_PENDING = 1
+RECEIVES_AHEAD = 1
 AUTO = "auto"
 
 _cpu_groups: dict = {}

@@ -33,7 +33,7 @@ ACTIVATION_FACTOR = 22
 CANVASES = 7
 # K/V messages a rank has in flight at a strip edge: sends not yet received (distributed.MAX_PENDING
 # plus the call's outbox) and the receives posted ahead (distributed.RECEIVES_AHEAD).
-EDGE_BUFFERS = 5
+EDGE_BUFFERS = 3
 
 
 @dataclass(frozen=True)

@@ -207,10 +207,11 @@ def test_planner_split_by_hand(model):
     assert split("all", m=30) == (0, 30 * (act + staging), 0, 0, 0, canvases)  # one call: no cache
     assert split("off", m=30) == (0, 30 * act, canvases, 0, 0, 0)
     # Two ranks: strips of 2 and 1 columns; the larger one plans for 2 columns plus the received
-    # edge block, and five K/V messages in flight at its edge.
+    # edge block, and three K/V messages at its edge (one send in flight, the outbox being filled,
+    # one receive posted ahead).
     strip_canvases = 7 * B * 3 * H * 64 * 4
-    assert split("all", world=2) == (3 * kv_block, act + staging, 0, 5 * kv_block, kv_block, strip_canvases)
-    assert split("off", world=2) == ((2 + 1 + 1) * kv_block, act, strip_canvases, 5 * kv_block, 0, 0)
+    assert split("all", world=2) == (3 * kv_block, act + staging, 0, 3 * kv_block, kv_block, strip_canvases)
+    assert split("off", world=2) == ((2 + 1 + 1) * kv_block, act, strip_canvases, 3 * kv_block, 0, 0)
 
 
 def test_planner_released_model_by_hand():
