@@ -25,9 +25,10 @@ from .offload import HOST, MODES, Placement
 log = logging.getLogger("infdit")
 
 # Hidden-sized tensors ([blocks, tokens, width]) alive at the peak of one layer's forward: the
-# 4-slot keys and values gathered, offset and laid out for attention, next to q, k, v, the residual
-# stream and the attention output. Measured: 21-22 (benchmarks/bench_uniba.py, CPU fp32).
-ACTIVATION_FACTOR = 22
+# 4-slot keys and values gathered straight into the attention layout, next to q, k, v, the residual
+# stream and the attention output. Calibrated: the planner is within -3%..+5% of the measured
+# sample peak (benchmarks/bench_uniba.py, CPU fp32).
+ACTIVATION_FACTOR = 20
 # Float32 canvases [B, 3, H, W] the sampler holds at once in a Heun step: x, the concat LR, the
 # previous estimate, the derivative, the Euler point, the new estimate and a temporary.
 CANVASES = 7

@@ -39,7 +39,8 @@ class BlockInputs(NamedTuple):
 class NeighbourSource(Protocol):
     def gather(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Given this call's fresh keys/values [M, H, T, d] of `layer`, return the four neighbour
-        slots (self, top-left, left, top) as [M, 4, H, T, d] keys and values."""
+        slots (self, top-left, left, top) as [M, H, 4, T, d] keys and values (new tensors: the
+        caller adds the slot offsets in place)."""
 
 
 def modulate(x, shift, scale):
@@ -227,10 +228,8 @@ class InfDiT(nn.Module):
         k = apply_rope(q_norm(k), cos, sin).transpose(1, 2)
         keys, values = neighbours.gather(index, k, v.transpose(1, 2))
         # Each neighbour slot's keys get that slot's learned offset; values and queries get none.
-        keys = keys + self.mixins.adaln_layer.re_pos_embed[index][None, :, :, None, :]
-        keys = keys.transpose(1, 2).flatten(2, 3)
-        values = values.transpose(1, 2).flatten(2, 3)
-        out = F.scaled_dot_product_attention(q, keys, values)
+        keys += self.mixins.adaln_layer.re_pos_embed[index].transpose(0, 1)[None, :, :, None, :]
+        out = F.scaled_dot_product_attention(q, keys.flatten(2, 3), values.flatten(2, 3))
         return layer.attention.dense(out.transpose(1, 2).reshape(M, T, D))
 
     def _lr_tokens(self, inputs: BlockInputs) -> torch.Tensor:

@@ -90,10 +90,15 @@ class KVCache:
             m = self.position.get(source)
             return (k[m], v[m]) if m is not None else store[source]
 
-        keys, values = zip(*(pick(s) for block in self.blocks for s in neighbour_slots(block)))
-        M = len(self.blocks)
-        keys = torch.stack(keys).view(M, NUM_SLOTS, *k.shape[1:])
-        values = torch.stack(values).view(M, NUM_SLOTS, *v.shape[1:])
+        # Written straight into the layout attention reads, [M, heads, slots, tokens, head_dim]:
+        # the slot offsets are then added in place and the slots flattened without a copy.
+        M, H, T, d = k.shape
+        keys, values = k.new_empty(M, H, NUM_SLOTS, T, d), v.new_empty(M, H, NUM_SLOTS, T, d)
+        for m, block in enumerate(self.blocks):
+            for slot, source in enumerate(neighbour_slots(block)):
+                key, value = pick(source)
+                keys[m, :, slot].copy_(key)
+                values[m, :, slot].copy_(value)
         for source in [s for s in store if self.last_reader[s] <= self.call]:
             if source in self.spilled[layer]:
                 self.spilled[layer].remove(source)
