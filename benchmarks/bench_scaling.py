@@ -240,7 +240,7 @@ def predictions():
           "(and sends to its right one) while the pipeline runs; transfers overlap compute (receives are "
           "posted ahead), so the link only has to keep up with this rate, plus its latency once per rank "
           "in the fill. The final gather moves the whole float32 image to rank 0 once "
-          f"(0.2 GB at 4096^2, 3.2 GB at 16384^2).")
+          "(0.2 GB at 4096^2, 3.2 GB at 16384^2).")
 
 
 def main():
