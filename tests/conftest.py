@@ -139,3 +139,25 @@ class OutOfMemoryInjector:
 
     def __exit__(self, *exc):
         del self.model.forward_blocks
+
+
+def random_inputs(batch, rows, cols, seed=0, block=32):
+    """Seeded sampler inputs for a rows x cols grid of `block`-px blocks: a noisy x, the concat LR,
+    the cross-attention LR and unit CLIP vectors."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    H, W = rows * block, cols * block
+    return dict(
+        x=torch.randn(batch, 3, H, W, generator=g),
+        concat_lr=torch.rand(batch, 3, H, W, generator=g) * 2 - 1,
+        lr=torch.rand(batch, 3, H // 4, W // 4, generator=g) * 2 - 1,
+        clip_vector=torch.nn.functional.normalize(torch.randn(batch, 768, generator=g), dim=-1),
+    )
+
+
+def condition(batch, rows, cols, seed=0, block=32):
+    """random_inputs without x: what sample() takes."""
+    inputs = random_inputs(batch, rows, cols, seed, block)
+    del inputs["x"]
+    return inputs

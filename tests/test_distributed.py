@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import spawn_ranks
+from conftest import condition, spawn_ranks
 from infdit_core import load_model, sample
 from infdit_core.pipeline import Resume
 from infdit_core.strips import StripSchedule, split
@@ -21,13 +21,9 @@ CASES = {  # name: (batch, block rows, block cols, block batch of rank r: block_
 STEPS = 2
 
 
-def case_inputs(name, block=32):
+def case_inputs(name):
     batch, rows, cols, _ = CASES[name]
-    g = torch.Generator().manual_seed(sum(map(ord, name)))
-    H, W = rows * block, cols * block
-    return dict(lr=torch.rand(batch, 3, H // 4, W // 4, generator=g) * 2 - 1,
-                concat_lr=torch.rand(batch, 3, H, W, generator=g) * 2 - 1,
-                clip_vector=torch.nn.functional.normalize(torch.randn(batch, 768, generator=g), dim=-1))
+    return condition(batch, rows, cols, seed=sum(map(ord, name)))
 
 
 def _rank_main(rank, world, port, model_path, out_dir, resume_dir=None):

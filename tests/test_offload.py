@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import OutOfMemoryInjector
+from conftest import OutOfMemoryInjector, random_inputs
 from infdit_core import BlockSweepDenoiser, InfDiTConfig, load_model, plan, sample
 from infdit_core import memory
 from infdit_core.memory import HostMemoryError, resolve_execution
@@ -30,17 +30,6 @@ BLOCK = 32  # the tiny golden model's block size in pixels
 @pytest.fixture(scope="module")
 def model(golden_dir):
     return load_model(golden_dir / "tiny_model.safetensors")
-
-
-def random_inputs(batch, rows, cols, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    H, W = rows * BLOCK, cols * BLOCK
-    return dict(
-        x=torch.randn(batch, 3, H, W, generator=g),
-        concat_lr=torch.rand(batch, 3, H, W, generator=g) * 2 - 1,
-        lr=torch.rand(batch, 3, H // 4, W // 4, generator=g) * 2 - 1,
-        clip_vector=torch.nn.functional.normalize(torch.randn(batch, 768, generator=g), dim=-1),
-    )
 
 
 def kv_block_bytes(config, elem=4):

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from conftest import spawn_ranks
+from conftest import condition, spawn_ranks
 from infdit_core import load_model, sample, upscale
 from infdit_core.pipeline import Resume
 from infdit_core.resume import StateStore, prune
@@ -35,11 +35,7 @@ def model(golden_dir):
 
 
 def inputs(rows=2, cols=3, seed=0, batch=1):
-    g = torch.Generator().manual_seed(seed)
-    H, W = rows * BLOCK, cols * BLOCK
-    return dict(concat_lr=torch.rand(batch, 3, H, W, generator=g) * 2 - 1,
-                lr=torch.rand(batch, 3, H // 4, W // 4, generator=g) * 2 - 1,
-                clip_vector=torch.nn.functional.normalize(torch.randn(batch, 768, generator=g), dim=-1))
+    return condition(batch, rows, cols, seed, BLOCK)
 
 
 def rel_l2(a, b):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import OutOfMemoryInjector
+from conftest import OutOfMemoryInjector, random_inputs
 from infdit_core import BlockSweepDenoiser, denoise, karras_sigmas, load_model, plan, sample
 from infdit_core.memory import choose_block_batch
 from infdit_core.pipeline import OutOfMemory
@@ -16,17 +16,6 @@ from infdit_core.sampling import network_calls, unit_noise
 @pytest.fixture(scope="module")
 def model(golden_dir):
     return load_model(golden_dir / "tiny_model.safetensors")
-
-
-def random_inputs(batch, rows, cols, seed=0, block=32):
-    g = torch.Generator().manual_seed(seed)
-    H, W = rows * block, cols * block
-    return dict(
-        x=torch.randn(batch, 3, H, W, generator=g),
-        concat_lr=torch.rand(batch, 3, H, W, generator=g) * 2 - 1,
-        lr=torch.rand(batch, 3, H // 4, W // 4, generator=g) * 2 - 1,
-        clip_vector=torch.nn.functional.normalize(torch.randn(batch, 768, generator=g), dim=-1),
-    )
 
 
 def rel_l2(a, b):
