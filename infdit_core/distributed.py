@@ -62,12 +62,13 @@ def _comm_device(group, compute: torch.device) -> torch.device:
 class StripExchange:
     """The NeighbourExchange of one rank (see denoiser.py)."""
 
-    def __init__(self, schedule: StripSchedule, group, compute: torch.device, dtype: torch.dtype,
-                 kv_shape: tuple[int, ...], sweeps: int):
-        self.group, self.compute, self.dtype = group, compute, dtype
-        self.kv_shape = kv_shape  # [layers, 2, heads, tokens, head_dim]
-        self.comm = _comm_device(group, compute)
-        self.nbytes = torch.Size(kv_shape).numel() * torch.empty((), dtype=dtype).element_size()
+    def __init__(self, schedule: StripSchedule, group, model, sweeps: int):
+        cfg = model.config
+        self.group, self.compute, self.dtype = group, model.device, model.dtype
+        # One message: a block's K/V of every layer.
+        self.kv_shape = (cfg.num_layers, 2, cfg.num_heads, cfg.block_tokens ** 2, cfg.head_dim)
+        self.comm = _comm_device(group, self.compute)
+        self.nbytes = torch.Size(self.kv_shape).numel() * torch.empty((), dtype=self.dtype).element_size()
         self.incoming = schedule.incoming
         self.position = {block: n for n, block in enumerate(self.incoming)}
         rank = schedule.rank

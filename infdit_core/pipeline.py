@@ -90,6 +90,33 @@ class _BackoffDenoiser:
                     warnings.warn("Inf-DiT: out of memory at block_batch 1, retrying with the K/V cache in host memory")
 
 
+def _execution(model: InfDiT, block_batch, offload, H: int, W: int, batch: int, world: int) -> tuple[int, Placement]:
+    """Blocks per network call and the placement: resolved by the planner, or a given Placement."""
+    if not isinstance(offload, Placement):
+        chosen, placement, _ = resolve_execution(block_batch, offload, model.config, H, W, model.dtype,
+                                                 model.device, batch, world)
+        return chosen, placement
+    if block_batch != "auto":
+        return block_batch, offload
+    return choose_block_batch(model.config, H, W, model.dtype, default_budget(model.device), batch, world,
+                              offload.mode, offload.kv_device_slots or 0), offload
+
+
+def _report_progress(callback: ProgressCallback, denoiser: BlockSweepDenoiser, resilient: _BackoffDenoiser,
+                     state: dict, steps: int, share: int):
+    """Call `callback` after every block batch with the blocks done over all ranks, read off this
+    rank's strip (`share` = blocks of the whole grid; the strips differ by one block at most)."""
+    scale = share / max(1, denoiser.num_blocks)
+    total_calls = network_calls(steps)
+
+    def on_blocks(done, total, estimate):
+        blocks = round((resilient.calls_done * total + done) * scale)
+        callback(state["step"], steps, blocks, round(total_calls * total * scale), estimate)
+    denoiser.on_blocks = on_blocks
+    if resilient.calls_done:
+        on_blocks(0, denoiser.num_blocks, denoiser.canvas.concat_lr)  # a resumed run shows where it starts
+
+
 def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_STEPS,
            noise: Optional[torch.Tensor] = None, seed: Optional[int] = None, lr_noise_init: bool = True,
            block_batch: Union[int, str] = "auto", callback: Optional[ProgressCallback] = None,
@@ -112,14 +139,7 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
     if world > 1 and rank == 0 and not schedule.strips[-1]:
         warnings.warn(f"Inf-DiT: {world} ranks for {len([p for p in schedule.strips if p])} strips of blocks: "
                       "the extra ranks stay idle")
-    if isinstance(offload, Placement):
-        placement = offload
-        batch = block_batch if block_batch != "auto" else choose_block_batch(
-            model.config, H, W, model.dtype, default_budget(model.device), B, world, placement.mode,
-            placement.kv_device_slots or 0)
-    else:
-        batch, placement, _ = resolve_execution(block_batch, offload, model.config, H, W, model.dtype,
-                                                model.device, B, world)
+    batch, placement = _execution(model, block_batch, offload, H, W, B, world)
     store = None
     if resume is not None:
         key = resume.key or job_key(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, steps=steps,
@@ -141,21 +161,10 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
     resilient = _BackoffDenoiser(denoiser, retry=world == 1)
     resilient.calls_done = min(2 * start, total_calls)  # two calls a step, one in the last
     if world > 1:
-        cfg = model.config
-        kv_shape = (cfg.num_layers, 2, cfg.num_heads, cfg.block_tokens ** 2, cfg.head_dim)
-        denoiser.exchange = StripExchange(schedule, group, model.device, model.dtype, kv_shape,
-                                          sweeps=total_calls - resilient.calls_done)
+        denoiser.exchange = StripExchange(schedule, group, model, sweeps=total_calls - resilient.calls_done)
     state = {"step": start}
     if callback is not None:
-        # Progress over all ranks, read off this rank's strip: the strips differ by one block at most.
-        share = B * (H // s) * (W // s) / max(1, denoiser.num_blocks)
-
-        def on_blocks(done, total, estimate):
-            blocks = round((resilient.calls_done * total + done) * share)
-            callback(state["step"], steps, blocks, round(total_calls * total * share), estimate)
-        denoiser.on_blocks = on_blocks
-        if start > 0:
-            on_blocks(0, denoiser.num_blocks, denoiser.canvas.concat_lr)  # the bar shows the resumed point at once
+        _report_progress(callback, denoiser, resilient, state, steps, share=B * (H // s) * (W // s))
 
     def on_step(i):
         state["step"] = i
