@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .checkpoint import OFFICIAL_FILENAME, OFFICIAL_WEIGHTS_URL, CheckpointError, convert, read_state_dict
 from .download import (CONVERT_DTYPES, DEFAULT_DIR, DEFAULT_MODEL, DownloadError, TransferMeter, download_official,
@@ -81,9 +82,12 @@ def cmd_upscale(args):
     except Exception as error:
         if launch.world == 1:
             raise
-        # Name the failing rank; torchrun then tears the group down and exits non-zero.
-        print(f"infdit: rank {launch.rank} of {launch.world} failed: {type(error).__name__}: {error}",
-              file=sys.stderr, flush=True)
+        # Name this rank; torchrun then tears the group down, exits non-zero and names the rank that
+        # failed first in its summary (a killed rank cannot speak for itself).
+        lost_peer = isinstance(error, dist.DistError) or "Connection" in str(error)
+        print(f"infdit: rank {launch.rank} of {launch.world} "
+              + ("stopped: a neighbouring rank is gone" if lost_peer else "failed")
+              + f" ({type(error).__name__}: {str(error)[:300]})", file=sys.stderr, flush=True)
         raise SystemExit(1)
     finally:
         launch.close()
