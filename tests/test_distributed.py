@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import condition, spawn_ranks
-from infdit_core import load_model, sample
+from infdit_core import load_model, sample, upscale
 from infdit_core.pipeline import Resume
 from infdit_core.strips import StripSchedule, split
 from infdit_core.uniba import neighbour_slots
@@ -46,24 +46,39 @@ def _rank_main(rank, world, port, model_path, out_dir, resume_dir=None):
                 torch.save(result, os.path.join(out_dir, f"{name}.pt"))
             else:
                 assert result is None
+        # 8x runs a 4x pass, then a 2x pass that every rank starts from rank 0's 4x result.
+        result = upscale(model, chain_image(), scale=8.0, **CHAIN)
+        if rank == 0:
+            torch.save(result, os.path.join(out_dir, "chain.pt"))
+        else:
+            assert result is None
     finally:
         dist.destroy_process_group()
+
+
+CHAIN = dict(clip_vector=torch.zeros(1, 768), steps=STEPS, seed=2, block_batch=1)
+
+
+def chain_image():
+    return torch.rand(1, 3, 11, 13, generator=torch.Generator().manual_seed(5))  # 8x: 88 x 104, 3 x 4 blocks
 
 
 @pytest.fixture(scope="module")
 def reference(golden_dir):
     model = load_model(golden_dir / "tiny_model.safetensors")
-    return {name: sample(model, **case_inputs(name), steps=STEPS, seed=11, block_batch=1) for name in CASES}
+    results = {name: sample(model, **case_inputs(name), steps=STEPS, seed=11, block_batch=1) for name in CASES}
+    results["chain"] = upscale(model, chain_image(), scale=8.0, **CHAIN)
+    return results
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_reproduce_the_single_process_sample(golden_dir, reference, tmp_path, world):
     spawn_ranks(_rank_main, world, str(golden_dir / "tiny_model.safetensors"), str(tmp_path))
-    for name in CASES:
+    for name in [*CASES, "chain"]:
         got = torch.load(tmp_path / f"{name}.pt", weights_only=True)
         want = reference[name]
         assert got.shape == want.shape
-        if CASES[name][3] == 0:
+        if name == "chain" or CASES[name][3] == 0:
             # One block per call everywhere: the same arithmetic, so the same bits.
             assert torch.equal(got, want), name
         else:
