@@ -25,8 +25,6 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from open_clip.model import CLIP, _build_vision_tower
-from open_clip.tokenizer import SimpleTokenizer
 from safetensors import safe_open
 
 from .checkpoint import OFFICIAL_FILENAME, CheckpointError, read_state_dict
@@ -178,8 +176,10 @@ def _check_keys(expected: StateDict, given: StateDict) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _tokenizer(context_length: int) -> SimpleTokenizer:
+def _tokenizer(context_length: int):
     # The BPE vocabulary ships inside the open_clip package: no download.
+    from open_clip.tokenizer import SimpleTokenizer
+
     return SimpleTokenizer(context_length=context_length)
 
 
@@ -198,7 +198,7 @@ def blend(embeddings: Sequence[torch.Tensor], weights: Sequence[float]) -> torch
 class ClipEmbedder:
     """The CLIP image tower (and, when loaded, the text tower) with Inf-DiT's preprocessing."""
 
-    def __init__(self, visual: torch.nn.Module, text_model: Optional[CLIP], image_size: int):
+    def __init__(self, visual: torch.nn.Module, text_model: Optional[torch.nn.Module], image_size: int):
         self.visual = visual
         self._text_model = text_model  # the full open_clip CLIP (shares `visual`) or None
         # The module owning all weights: what a memory manager moves between devices.
@@ -312,12 +312,16 @@ def load_clip(source: Union[str, os.PathLike, StateDict], *, dtype: torch.dtype 
     return ClipEmbedder(visual, text_model, cfg["vision_cfg"]["image_size"])
 
 
-def build_model(cfg: Mapping, with_text: bool) -> tuple[torch.nn.Module, Optional[CLIP]]:
-    """(vision tower, full CLIP or None) from an open_clip model config, randomly initialised.
+def build_model(cfg: Mapping, with_text: bool) -> tuple[torch.nn.Module, Optional[torch.nn.Module]]:
+    """(vision tower, full open_clip CLIP or None) from an open_clip model config, randomly initialised.
 
     quick_gelu=False: ViT-L-14 DataComp uses standard GELU. Built in float32 and cast by the caller,
     as the official code cast the whole fp32 model (so the LayerNorms run in that dtype too).
+    open_clip is imported here, not with the package: the sampler, the CLI without CLIP and the
+    benchmarks run where it is not installed.
     """
+    from open_clip.model import CLIP, _build_vision_tower
+
     if with_text:
         model = CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], quick_gelu=False)
         return model.visual, model

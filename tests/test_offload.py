@@ -382,6 +382,20 @@ def test_gpu_check_skips_without_cuda(capsys):
     assert capsys.readouterr().out.startswith("skipped: no CUDA")
 
 
+def test_gpu_check_runs_where_open_clip_is_not_installed():
+    # A freshly lent GPU machine has torch, einops and safetensors but not open_clip: the engine
+    # imports CLIP's classes only when a CLIP is built.
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    code = ("import sys, runpy; sys.modules['open_clip'] = None; sys.argv = ['gpu_offload_check.py']; "
+            "runpy.run_path('benchmarks/gpu_offload_check.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("skipped: no CUDA"), result.stderr[-2000:]
+
+
 def test_gpu_check_logic_on_cpu_with_the_tiny_model(capsys):
     assert gpu_check_script().main(["--device", "cpu", "--tiny", "--sizes", "64,128"]) == 0
     out = capsys.readouterr().out
