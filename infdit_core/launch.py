@@ -41,9 +41,10 @@ def start(device: str, timeout_s: float) -> Launch:
     if own_gpu:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    elif torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        device = torch.device("cpu")
     else:
-        device = torch.device("cpu" if torch.device(device).type == "cuda" and not torch.cuda.is_available()
-                              else device)
+        device = torch.device(device)
     dist.init_process_group("nccl" if own_gpu else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
                             **({"device_id": device} if own_gpu else {}))
     return Launch(rank, world, device, dist.group.WORLD)

@@ -19,6 +19,7 @@ from typing import Optional, Union
 import torch
 
 from .config import InfDiTConfig
+from .distributed import MAX_PENDING, RECEIVES_AHEAD
 from .model import InfDiT
 from .offload import HOST, MODES, Placement
 
@@ -32,9 +33,9 @@ ACTIVATION_FACTOR = 20
 # Float32 canvases [B, 3, H, W] the sampler holds at once in a Heun step: x, the concat LR, the
 # previous estimate, the derivative, the Euler point, the new estimate and a temporary.
 CANVASES = 7
-# K/V messages a rank has in flight at a strip edge: sends not yet received (distributed.MAX_PENDING
-# plus the call's outbox) and the receives posted ahead (distributed.RECEIVES_AHEAD).
-EDGE_BUFFERS = 3
+# K/V messages a rank has at a strip edge: sends not yet received, the call's outbox being filled
+# and the receives posted ahead.
+EDGE_BUFFERS = MAX_PENDING + 1 + RECEIVES_AHEAD
 
 
 @dataclass(frozen=True)

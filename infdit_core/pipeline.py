@@ -131,6 +131,7 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
     image, the other ranks None. resume: checkpoint the state and continue a job found there."""
     B, _, H, W = concat_lr.shape
     s = model.config.block_size
+    seed = 0 if seed is None else seed
     if noise is not None and noise.shape != concat_lr.shape:
         raise ValueError(f"noise must have the shape of concat_lr {tuple(concat_lr.shape)}, got {tuple(noise.shape)}")
     group = resolve_group(group)
@@ -143,7 +144,7 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
     store = None
     if resume is not None:
         key = resume.key or job_key(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, steps=steps,
-                                    seed=0 if seed is None else seed, noise=noise, lr_noise_init=lr_noise_init)
+                                    seed=seed, noise=noise, lr_noise_init=lr_noise_init)
         store = StateStore(resume.directory, key, schedule, s, concat_lr.shape, resume.interval,
                            group=cpu_group(group) if group is not None else None, max_bytes=resume.max_bytes)
     denoiser = BlockSweepDenoiser(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, block_batch=batch,
@@ -154,7 +155,7 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
         start, x = found[0] + 1, found[1].to(placement.canvas)
         log.info("Inf-DiT: resuming from step %d of %d (checkpoint in %s)", start, steps, resume.directory)
     if x is None:
-        eps = strip_noise(schedule, 0 if seed is None else seed, s) if noise is None else schedule.crop(noise, s)
+        eps = strip_noise(schedule, seed, s) if noise is None else schedule.crop(noise, s)
         x = initial_state(denoiser.canvas.concat_lr, eps.to(placement.canvas), sigmas[0], lr_noise_init)
         del eps
     total_calls = network_calls(steps)

@@ -82,6 +82,13 @@ _STEM = r"^(?P<key>[0-9a-f]+)\.s(?P<step>\d+)\.(?P<start>\d+)-(?P<stop>\d+)" + r
 CHECKPOINT = re.compile(_STEM + r"(\.\d+\.tmp)?$")
 
 
+def _remove(path: str):
+    try:
+        os.remove(path)
+    except FileNotFoundError:  # removed meanwhile (by the job it belongs to, or another rank)
+        pass
+
+
 def prune(directory: str, max_bytes: int, keep: tuple[str, ...] = ()):
     """Delete the oldest checkpoints (and temporary files of interrupted saves) until they take at
     most max_bytes. Only files named as checkpoints count and go: the folder may hold others."""
@@ -101,10 +108,7 @@ def prune(directory: str, max_bytes: int, keep: tuple[str, ...] = ()):
         if name in keep:
             continue
         total -= size
-        try:
-            os.remove(os.path.join(directory, name))
-        except FileNotFoundError:
-            pass
+        _remove(os.path.join(directory, name))
 
 
 def remove_job(directory: str, key: str):
@@ -112,10 +116,7 @@ def remove_job(directory: str, key: str):
     for name in os.listdir(directory):
         match = CHECKPOINT.match(name)
         if match and match["key"] == key:
-            try:
-                os.remove(os.path.join(directory, name))
-            except FileNotFoundError:
-                pass
+            _remove(os.path.join(directory, name))
 
 
 class StateStore:
@@ -158,7 +159,7 @@ class StateStore:
             os.replace(temporary, path)
             _fsync_dir(self.directory)
         except Exception as error:  # noqa: BLE001 - a lost checkpoint must never cost the job itself
-            self._remove(temporary)
+            _remove(temporary)
             self.last_save = time.monotonic()
             warnings.warn(f"Inf-DiT: could not save the resume checkpoint of step {step} in {self.directory} "
                           f"({type(error).__name__}: {str(error)[:200]}); the job goes on without it.")
@@ -166,7 +167,7 @@ class StateStore:
         self.saved.append(step)
         self.last_save = time.monotonic()
         for old in self.saved[:-KEEP]:
-            self._remove(self._path(old, *self.region))
+            _remove(self._path(old, *self.region))
         self.saved = self.saved[-KEEP:]
         if self.max_bytes is not None:
             prune(self.directory, self.max_bytes, keep=tuple(os.path.basename(self._path(s, *self.region))
@@ -212,12 +213,6 @@ class StateStore:
 
     # -- restoring ------------------------------------------------------------------------------
 
-    def _remove(self, path: str):
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-
     def _listing(self):
         for name in os.listdir(self.directory):
             match = self.NAME.match(name)
@@ -230,10 +225,6 @@ class StateStore:
     def _files(self, step: int) -> list[tuple[str, tuple[int, int]]]:
         return [(os.path.join(self.directory, m.string), (int(m["start"]), int(m["stop"])))
                 for m in self._listing() if int(m["step"]) == step]
-
-    def _region_of(self, path: str) -> tuple[int, int]:
-        match = self.NAME.match(os.path.basename(path))
-        return int(match["start"]), int(match["stop"])
 
     def _read(self, path: str, step: int, region: tuple[int, int]) -> Optional[torch.Tensor]:
         """The tensor of one checkpoint file, or None (with a warning) if it is not a valid piece

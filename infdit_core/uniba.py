@@ -80,8 +80,7 @@ class KVCache:
 
     def take_outbox(self) -> list[tuple[Block, torch.Tensor]]:
         """The packed K/V of this call's outgoing blocks, in sweep order."""
-        packed = [(block, self.outbox.pop(block)) for block in self.blocks if block in self.outbox]
-        return packed
+        return [(block, self.outbox.pop(block)) for block in self.blocks if block in self.outbox]
 
     def gather(self, layer, k, v):
         store = self.stores[layer]
@@ -128,8 +127,9 @@ class KVCache:
         """Keep on the device what the next call reads (and the soonest-read others the slots
         allow); move the rest of this layer's store to the host."""
         store, spilled = self.stores[layer], self.spilled[layer]
-        ranked = sorted(store, key=self._next_read)
-        needed = sum(1 for source in ranked if self._next_read(source) == self.call + 1)
+        next_read = {source: self._next_read(source) for source in store}
+        ranked = sorted(store, key=next_read.get)
+        needed = sum(1 for call in next_read.values() if call == self.call + 1)
         keep = set(ranked[:needed + self.placement.kv_device_slots])
         for source, (key, value) in store.items():
             if source in keep and source in spilled:
