@@ -63,11 +63,11 @@ class Placement:
 
     def to_compute(self, t: torch.Tensor) -> torch.Tensor:
         """A freshly gathered canvas-side tensor on the compute device."""
-        if t.device == self.compute:
-            return t
-        if self._pinned():
-            t = t.pin_memory()
-        return t.to(self.compute, non_blocking=True)
+        if t.device.type != HOST.type or not self._pinned():
+            # Already on a device (a no-op, whether the compute device is named "cuda" or "cuda:0"),
+            # or host to host.
+            return t.to(self.compute)
+        return t.pin_memory().to(self.compute, non_blocking=True)
 
     def to_canvas(self, t: torch.Tensor) -> torch.Tensor:
         """A compute-side result on the canvas device (synchronous: the sampler reads it next)."""
