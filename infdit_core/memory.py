@@ -26,16 +26,17 @@ from .offload import HOST, MODES, Placement
 log = logging.getLogger("infdit")
 
 # Hidden-sized tensors ([blocks, tokens, width]) alive at the peak of one layer's forward: the
-# 4-slot keys and values gathered straight into the attention layout, next to q, k, v, the residual
-# stream and the attention output. Calibrated: the planner is within -3%..+5% of the measured
-# sample peak (benchmarks/bench_uniba.py, CPU fp32).
-ACTIVATION_FACTOR = 20
+# 4-slot keys and values gathered straight into the attention layout, next to q, the residual
+# stream and the attention output; or the MLP's 4x-wide hidden state. Calibrated: the planner is
+# within 0%..+9% of the measured sample peak (benchmarks/bench_uniba.py, CPU fp32).
+ACTIVATION_FACTOR = 19
 # Float32 canvases [B, 3, H, W] the sampler holds at once in a Heun step: x, the concat LR, the
 # previous estimate, the derivative, the Euler point, the new estimate and a temporary.
 CANVASES = 7
-# K/V messages a rank has at a strip edge: sends not yet received, the call's outbox being filled
-# and the receives posted ahead.
-EDGE_BUFFERS = MAX_PENDING + 1 + RECEIVES_AHEAD
+# K/V messages a rank holds at a strip edge beyond its cache: the receives posted ahead, and the
+# sends in flight (a block being sent shares its cache entry's memory, but may outlive the entry
+# by one call).
+EDGE_BUFFERS = MAX_PENDING + RECEIVES_AHEAD
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,8 @@ class _MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(4 * width, width)
 
     def forward(self, x):
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+        # In place: the 4x-wide input of the GELU is the largest activation of a layer.
+        return self.dense_4h_to_h(torch.ops.aten.gelu_(self.dense_h_to_4h(x), approximate="tanh"))
 
 
 class _Layer(nn.Module):
@@ -227,6 +228,9 @@ class InfDiT(nn.Module):
         q = apply_rope(q_norm(q), cos, sin).transpose(1, 2)
         k = apply_rope(q_norm(k), cos, sin).transpose(1, 2)
         keys, values = neighbours.gather(index, k, v.transpose(1, 2))
+        # The call's own K/V are in keys/values (and copied into the cache) now: free them and the
+        # projection they came from before attention allocates its output.
+        del k, v
         # Each neighbour slot's keys get that slot's learned offset; values and queries get none.
         keys += self.mixins.adaln_layer.re_pos_embed[index].transpose(0, 1)[None, :, :, None, :]
         out = F.scaled_dot_product_attention(q, keys.flatten(2, 3), values.flatten(2, 3))
