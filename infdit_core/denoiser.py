@@ -44,8 +44,17 @@ def edm_precondition(sigma: torch.Tensor):
     return c_skip, c_out, c_in, c_noise
 
 
-def check_inputs(model: InfDiT, lr, concat_lr, clip_vector):
+def canvas_shape(lr, concat_lr, world: int = 1) -> tuple[int, int, int, int]:
+    """[B, 3, H, W] of the whole canvas. Over several ranks concat_lr may be one rank's strip of
+    it, and the size comes from lr, which is always the whole image at a quarter of the size."""
     B, C, H, W = concat_lr.shape
+    if world == 1:
+        return B, C, H, W
+    return B, C, SR_SCALE * lr.shape[-2], SR_SCALE * lr.shape[-1]
+
+
+def check_inputs(model: InfDiT, lr, concat_lr, clip_vector, schedule: Optional[StripSchedule] = None):
+    B, C, H, W = canvas_shape(lr, concat_lr, schedule.world if schedule else 1)
     s = model.config.block_size
     if H % s or W % s:
         raise ValueError(f"image size {H}x{W} is not a multiple of the {s}-px block: pad it first "
@@ -55,6 +64,10 @@ def check_inputs(model: InfDiT, lr, concat_lr, clip_vector):
     if tuple(lr.shape) != (B, 3, H // SR_SCALE, W // SR_SCALE):
         raise ValueError(f"lr must be [B, 3, H/4, W/4] = {(B, 3, H // SR_SCALE, W // SR_SCALE)}, "
                          f"got {tuple(lr.shape)}")
+    strip = tuple(schedule.crop(torch.empty(B, C, H, W, device="meta"), s).shape) if schedule else (B, C, H, W)
+    if tuple(concat_lr.shape) not in ((B, C, H, W), strip):
+        raise ValueError(f"concat_lr {tuple(concat_lr.shape)} is neither the whole canvas {(B, C, H, W)} "
+                         f"(4 x lr) nor this rank's strip of it {strip}")
     if tuple(clip_vector.shape) != (B, model.config.vector_dim):
         raise ValueError(f"clip_vector must be [B, {model.config.vector_dim}], got {tuple(clip_vector.shape)}")
 
@@ -63,17 +76,19 @@ class BlockSweepDenoiser:
     """D(x; sigma) computed `block_batch` blocks per network call, holding K/V for about one
     line of blocks. With block_batch >= the number of blocks it is the whole-image forward.
 
-    Inputs are whole-image tensors; x and the result are the canvases of the schedule's strip
-    (the whole image unless the work is split over ranks), on the placement's canvas device."""
+    lr and clip_vector are whole-image tensors, concat_lr the whole canvas or the schedule's strip of
+    it; x and the result are the canvases of the schedule's strip (the whole image unless the work
+    is split over ranks), on the placement's canvas device."""
 
     def __init__(self, model: InfDiT, *, lr, concat_lr, clip_vector, block_batch: int = 1,
                  on_blocks: Optional[BlockHook] = None, schedule: Optional[StripSchedule] = None,
                  placement: Optional[Placement] = None, exchange: Optional[NeighbourExchange] = None):
-        check_inputs(model, lr, concat_lr, clip_vector)
+        check_inputs(model, lr, concat_lr, clip_vector, schedule)
+        if schedule is None:
+            B, _, H, W = concat_lr.shape
+            schedule = StripSchedule(B, H // model.config.block_size, W // model.config.block_size)
         self.model = model
-        B, _, H, W = concat_lr.shape
-        s = model.config.block_size
-        self.schedule = schedule if schedule is not None else StripSchedule(B, H // s, W // s)
+        self.schedule = schedule
         self.placement = placement if placement is not None else Placement.for_mode("off", model.device)
         self.canvas = BlockCanvas(model.config, lr, concat_lr, self.schedule, self.placement)
         self.clip_vector = clip_vector.to(model.device, torch.float32)

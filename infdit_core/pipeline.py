@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import SR_SCALE
-from .denoiser import BlockSweepDenoiser
+from .denoiser import BlockSweepDenoiser, canvas_shape
 from .distributed import (AUTO, StripExchange, broadcast_from_first, cpu_group, gather_strips, resolve_group,
                           world_and_rank)
 from .memory import choose_block_batch, default_budget, empty_cache, is_out_of_memory, resolve_execution
@@ -122,20 +122,22 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
            block_batch: Union[int, str] = "auto", callback: Optional[ProgressCallback] = None,
            offload: Union[str, Placement] = "auto", group=AUTO, resume: Optional[Resume] = None
            ) -> Optional[torch.Tensor]:
-    """x at sigma = 0, [B, 3, H, W] in [-1, 1] (float32). `noise` is the unit Gaussian eps with the
-    shape of concat_lr; when None it is drawn block by block from `seed` (0 if None).
+    """x at sigma = 0, [B, 3, H, W] in [-1, 1] (float32). `noise` is the unit Gaussian eps of the
+    whole canvas; when None it is drawn block by block from `seed` (0 if None). Over several ranks,
+    concat_lr may be each rank's strip of the canvas (see strip_of), so no rank holds it whole.
 
     offload: auto/off/canvas/all or a Placement (offload.py). group: the process group whose ranks
     share the image in strips (strips.py): by default the initialised default group, if any; None
     for this process alone. Every rank calls sample with the same arguments; rank 0 returns the
     image, the other ranks None. resume: checkpoint the state and continue a job found there."""
-    B, _, H, W = concat_lr.shape
-    s = model.config.block_size
-    seed = 0 if seed is None else seed
-    if noise is not None and noise.shape != concat_lr.shape:
-        raise ValueError(f"noise must have the shape of concat_lr {tuple(concat_lr.shape)}, got {tuple(noise.shape)}")
     group = resolve_group(group)
     world, rank = world_and_rank(group)
+    shape = canvas_shape(lr, concat_lr, world)
+    B, _, H, W = shape
+    s = model.config.block_size
+    seed = 0 if seed is None else seed
+    if noise is not None and tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have the shape of the whole canvas {shape}, got {tuple(noise.shape)}")
     schedule = StripSchedule(B, H // s, W // s, world, rank)
     if world > 1 and rank == 0 and not schedule.strips[-1]:
         warnings.warn(f"Inf-DiT: {world} ranks for {len([p for p in schedule.strips if p])} strips of blocks: "
@@ -143,9 +145,11 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
     batch, placement = _execution(model, block_batch, offload, H, W, B, world)
     store = None
     if resume is not None:
+        if resume.key is None and tuple(concat_lr.shape) != shape:
+            raise ValueError("resume needs Resume.key (job_key of the whole canvas) when concat_lr is one rank's strip")
         key = resume.key or job_key(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, steps=steps,
                                     seed=seed, noise=noise, lr_noise_init=lr_noise_init)
-        store = StateStore(resume.directory, key, schedule, s, concat_lr.shape, resume.interval,
+        store = StateStore(resume.directory, key, schedule, s, shape, resume.interval,
                            group=cpu_group(group) if group is not None else None, max_bytes=resume.max_bytes)
     denoiser = BlockSweepDenoiser(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, block_batch=batch,
                                   schedule=schedule, placement=placement)
@@ -182,7 +186,7 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
     if store is not None and resume.keep_result:
         store.keep(steps - 1, x)
     if world > 1:
-        x = gather_strips(x, schedule, s, group, tuple(concat_lr.shape))
+        x = gather_strips(x, schedule, s, group, shape)
     if store is not None and not resume.keep_result:
         store.finish()
     return x
@@ -234,13 +238,27 @@ def prepare_condition(image: torch.Tensor, out_hw: tuple[int, int], block_size: 
     return concat, lr
 
 
+def strip_of(canvas: torch.Tensor, block_size: int, group=AUTO) -> torch.Tensor:
+    """This rank's strip of a whole canvas [B, C, H, W] (a copy), or the canvas itself for one
+    process: what `sample` over several ranks needs of concat_lr, so the whole can be freed."""
+    group = resolve_group(group)
+    world, rank = world_and_rank(group)
+    if world == 1:
+        return canvas
+    B, _, H, W = canvas.shape
+    return StripSchedule(B, H // block_size, W // block_size, world, rank).crop(canvas, block_size).clone()
+
+
 def _upscale_rgb(model, rgb, out_hw, *, resume: Optional[Resume], keep: list, **options):
     concat, lr = prepare_condition(rgb * 2 - 1, out_hw, model.config.block_size)
-    if resume is not None and resume.keep_result:
+    if resume is not None and (resume.keep_result or resume.key is None):
+        # Keyed on the whole canvas, before each rank keeps only its strip of it.
         resume = replace(resume, key=job_key(model, lr=lr, concat_lr=concat, clip_vector=options["clip_vector"],
                                              steps=options["steps"], seed=options["seed"], noise=None,
                                              lr_noise_init=options["lr_noise_init"]))
+    if resume is not None and resume.keep_result:
         keep.append(resume.key)
+    concat = strip_of(concat, model.config.block_size, options["group"])
     x = sample(model, lr=lr, concat_lr=concat, resume=resume, **options)
     return None if x is None else ((x[:, :, :out_hw[0], :out_hw[1]] + 1) / 2).clamp(0, 1)
 

@@ -105,14 +105,19 @@ class KVCache:
                     self.host.release(host)
             del store[source]
         for m, block in enumerate(self.blocks):
-            if self.last_reader[block] > self.call:
-                # A copy, so the call's whole K/V tensor is not kept alive by one cached block.
-                store[block] = (k[m].clone(), v[m].clone())
             if block in self.outgoing:
+                # Packed for the next rank; the cache keeps views of the same memory, so the block
+                # waiting to be sent costs nothing beyond its cache entry.
                 if block not in self.outbox:
                     self.outbox[block] = k.new_empty(self.num_layers, 2, *k.shape[1:])
-                self.outbox[block][layer, 0].copy_(k[m])
-                self.outbox[block][layer, 1].copy_(v[m])
+                packed = self.outbox[block][layer]
+                packed[0].copy_(k[m])
+                packed[1].copy_(v[m])
+                if self.last_reader[block] > self.call:
+                    store[block] = (packed[0], packed[1])
+            elif self.last_reader[block] > self.call:
+                # A copy, so the call's whole K/V tensor is not kept alive by one cached block.
+                store[block] = (k[m].clone(), v[m].clone())
         self.peak_blocks = max(self.peak_blocks, len(store))
         if self.placement is not None:
             self._place(layer)
@@ -141,7 +146,8 @@ class KVCache:
 
 
 class BlockCanvas:
-    """Cuts one denoiser call's inputs for a list of blocks out of a strip's canvases.
+    """Cuts one denoiser call's inputs for a list of blocks out of a strip's canvases (concat_lr:
+    the whole canvas or already the strip).
 
     The strip's own pixels live on the placement's canvas device; the LR image is kept for the
     strip plus one block on each side, since a block's cross-attention window spans its 3x3-block
@@ -153,7 +159,8 @@ class BlockCanvas:
         self.placement = placement
         s = config.block_size
         self.origin = schedule.origin()
-        strip = schedule.crop(concat_lr, s)
+        whole = schedule.batch, 3, schedule.rows * s, schedule.cols * s
+        strip = schedule.crop(concat_lr, s) if tuple(concat_lr.shape) == whole else concat_lr
         # A strip of a larger canvas is copied so the whole canvas is not kept alive by it.
         self.concat_lr = strip.to(placement.canvas, torch.float32,
                                   copy=strip.numel() != concat_lr.numel())

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import condition, spawn_ranks
-from infdit_core import load_model, sample, upscale
-from infdit_core.pipeline import Resume
+from conftest import condition, random_inputs, spawn_ranks
+from infdit_core import BlockSweepDenoiser, load_model, pipeline, sample, upscale
+from infdit_core.pipeline import Resume, strip_of
 from infdit_core.strips import StripSchedule, split
 from infdit_core.uniba import neighbour_slots
 
@@ -39,15 +39,39 @@ def _rank_main(rank, world, port, model_path, out_dir, resume_dir=None):
                 torch.save({"x": result, "first_progress": torch.tensor(progress[0])},
                            os.path.join(out_dir, "resumed.pt"))
             return
-        for name, (_, _, _, block_batch) in CASES.items():
+        for n, (name, (_, _, _, block_batch)) in enumerate(CASES.items()):
+            inputs = case_inputs(name)
+            if n % 2:  # every other case hands each rank only its strip of the concat canvas
+                inputs["concat_lr"] = strip_of(inputs["concat_lr"], model.config.block_size)
             # Each rank picks its own block batch; the pixels must not depend on it.
-            result = sample(model, **case_inputs(name), steps=STEPS, seed=11, block_batch=1 + block_batch * rank)
+            result = sample(model, **inputs, steps=STEPS, seed=11, block_batch=1 + block_batch * rank)
             if rank == 0:
                 torch.save(result, os.path.join(out_dir, f"{name}.pt"))
             else:
                 assert result is None
+        inputs = case_inputs("odd_partial_strip")
+        inputs["concat_lr"] = strip_of(inputs["concat_lr"], model.config.block_size)
+        with pytest.raises(ValueError, match=r"resume needs Resume\.key \(job_key of the whole canvas\)"):
+            sample(model, **inputs, steps=STEPS, resume=Resume(out_dir))  # no rank could key the job alone
         # 8x runs a 4x pass, then a 2x pass that every rank starts from rank 0's 4x result.
-        result = upscale(model, chain_image(), scale=8.0, **CHAIN)
+        handed = []
+        original = pipeline.sample
+
+        def recording_sample(*args, **kwargs):
+            handed.append((tuple(kwargs["concat_lr"].shape), tuple(kwargs["lr"].shape)))
+            return original(*args, **kwargs)
+
+        pipeline.sample = recording_sample
+        try:
+            result = upscale(model, chain_image(), scale=8.0, **CHAIN)
+        finally:
+            pipeline.sample = original
+        # upscale keeps only this rank's strip of each pass's concat canvas (the whole one is freed).
+        s = model.config.block_size
+        assert len(handed) == 2  # the 4x pass and the 2x pass
+        for concat, (B, _, h, w) in handed:
+            strip = StripSchedule(B, 4 * h // s, 4 * w // s, world, rank).crop(torch.empty(B, 3, 4 * h, 4 * w), s)
+            assert concat == tuple(strip.shape)
         if rank == 0:
             torch.save(result, os.path.join(out_dir, "chain.pt"))
         else:
@@ -101,6 +125,55 @@ def test_strips_are_balanced_and_cover_the_grid():
             owned = set(schedule.order)
             outside = {s for block in schedule.order for s in neighbour_slots(block)} - owned
             assert outside == set(schedule.incoming)
+
+
+def test_a_rank_takes_the_whole_concat_canvas_or_just_its_strip(golden_dir):
+    model = load_model(golden_dir / "tiny_model.safetensors")
+    inputs = random_inputs(1, 3, 5)  # 96 x 160, swept column by column: rank 0 of 2 has block rows 0, 1
+    schedule = StripSchedule(1, 3, 5, 2, 0)
+    whole = inputs["concat_lr"]
+    strip = schedule.crop(whole, 32).clone()
+    condition_ = dict(lr=inputs["lr"], clip_vector=inputs["clip_vector"], schedule=schedule)
+    from_whole = BlockSweepDenoiser(model, concat_lr=whole, **condition_)
+    from_strip = BlockSweepDenoiser(model, concat_lr=strip, **condition_)
+    assert torch.equal(from_whole.canvas.concat_lr, strip)
+    assert from_strip.canvas.concat_lr.data_ptr() == strip.data_ptr()  # used as it is, not copied
+    x = schedule.crop(inputs["x"], 32)
+    assert torch.equal(from_whole(x, 1.5), from_strip(x, 1.5))
+    with pytest.raises(ValueError, match=r"concat_lr \(1, 3, 96, 96\) is neither the whole canvas "
+                                         r"\(1, 3, 96, 160\) \(4 x lr\) nor this rank's strip of it \(1, 3, 64, 160\)"):
+        BlockSweepDenoiser(model, concat_lr=whole[..., :96], **condition_)
+
+
+def test_edge_blocks_are_sent_from_their_cache_entries(golden_dir):
+    """The K/V packed for the next rank is the cache entry the strip's next line reads, not a copy."""
+    model = load_model(golden_dir / "tiny_model.safetensors")
+    inputs = random_inputs(1, 3, 5)
+    schedule = StripSchedule(1, 3, 5, 2, 0)  # lines are block columns; rank 0 has rows 0 and 1, row 1 goes to rank 1
+
+    class Recording:
+        cache, shared, sent = None, 0, []
+
+        def begin_sweep(self):
+            pass
+
+        def receive(self, cache, blocks):
+            self.cache = cache
+
+        def send(self, packed):
+            for block, kv in packed:
+                self.sent.append(block)
+                if block in self.cache.stores[0]:
+                    assert all(self.cache.stores[layer][block][n].data_ptr() == kv[layer, n].data_ptr()
+                               for layer in range(kv.shape[0]) for n in (0, 1))
+                    self.shared += 1
+
+    exchange = Recording()
+    denoiser = BlockSweepDenoiser(model, lr=inputs["lr"], concat_lr=inputs["concat_lr"],
+                                  clip_vector=inputs["clip_vector"], schedule=schedule, exchange=exchange)
+    denoiser(schedule.crop(inputs["x"], 32), 1.5)
+    assert exchange.sent == schedule.outgoing
+    assert exchange.shared == 4  # lines 0 to 3; the last line's edge block is read by no later line
 
 
 RESUME_STEPS = 4
