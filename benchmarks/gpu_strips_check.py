@@ -6,7 +6,8 @@ machine has fewer GPUs than ranks) against one process on the same device.
 Without CUDA it prints "skipped: no CUDA" and exits 0. With CUDA: a small random model at the
 official block geometry (patch 4, 128-px blocks; 2 layers, width 128), TF32 off. For fp32 and bf16
 it samples the same seed in one process and in two spawned ranks (gloo on 127.0.0.1; the strip-edge
-K/V go GPU -> host -> GPU) and prints the largest difference; it also prints the CUDA fp32 result
+K/V go GPU -> host -> GPU; each rank is handed only its strip of the concat canvas) and prints the
+largest difference; it also prints the CUDA fp32 result
 against the CPU fp32 result (kernels differ, so this is reported, not judged).
 
 Exit status: 0 when both precisions give the single-process pixels on two ranks to 1e-5, else 1.
@@ -25,6 +26,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from infdit_core import InfDiT, InfDiTConfig, sample  # noqa: E402
+from infdit_core.pipeline import strip_of  # noqa: E402
 
 CONFIG = InfDiTConfig(num_layers=2, hidden_size=128, num_heads=2, patch_size=4, block_size=128, image_size=512)
 TOLERANCE = 1e-5
@@ -52,7 +54,10 @@ def run(device: str, dtype, h: int, w: int, steps: int, group=None) -> torch.Ten
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     model = build_model(device, dtype)
-    return sample(model, **make_inputs(h, w), steps=steps, seed=SEED, block_batch=1, offload="off", group=group)
+    inputs = make_inputs(h, w)
+    if group is not None:  # each rank keeps only its strip of the concat canvas, as upscale does
+        inputs["concat_lr"] = strip_of(inputs["concat_lr"], CONFIG.block_size, group)
+    return sample(model, **inputs, steps=steps, seed=SEED, block_batch=1, offload="off", group=group)
 
 
 def _rank(rank, world, port, dtype, h, w, steps, out):
