@@ -12,11 +12,12 @@ temporary folder under the current one, not /tmp, which may be memory):
 - memory: growth of the process's peak RSS during one save (VmHWM reset through clear_refs).
 On a GPU the canvas is first copied to host memory (805 MB at ~20 GB/s: some 40 ms more).
 
-The step time is not measured here (no released weights or GPU needed). Assumption: the official
-code takes about 18 minutes for 1024 -> 4096 on one GPU, i.e. 39 network calls over 32 x 32 = 1024
-blocks of 128 px; that is 27 ms per block per network call, and a Heun step (2 network calls) is
-2 x blocks x 27 ms (55 s at 4096², 221 s at 8192²). The ratios scale with that assumption: a GPU
-twice as fast doubles them.
+The step time cannot be measured here (no GPU). It comes from benchmarks/gpu_offload_check.py on one
+NVIDIA H200 (bf16, random weights at the released geometry): a whole 4096² network call, 1024
+blocks of 128 px at once, took 10.3 s, so 10 ms per block per network call, and a Heun step (2
+network calls) is 2 x blocks x 10 ms (21 s at 4096², 82 s at 8192²). That is the fastest way
+measured (block batch 1 took 25 ms per block), so the ratios below are the worst case; a GPU twice
+as fast doubles them.
 """
 from __future__ import annotations
 
@@ -36,8 +37,7 @@ from infdit_core.resume import StateStore, _tensor_bytes  # noqa: E402
 from infdit_core.strips import StripSchedule  # noqa: E402
 
 BLOCK = 128
-ASSUMED_JOB_SECONDS, ASSUMED_CALLS, ASSUMED_BLOCKS = 18 * 60, 39, 1024
-SECONDS_PER_BLOCK_CALL = ASSUMED_JOB_SECONDS / (ASSUMED_CALLS * ASSUMED_BLOCKS)
+SECONDS_PER_BLOCK_CALL = 10.3 / 1024  # measured on an H200, see above
 DEFAULT_INTERVAL = 60.0
 
 
@@ -115,9 +115,8 @@ def main():
     try:
         print(f"checkpoints in {os.path.abspath(folder)}; torch threads {torch.get_num_threads()}; "
               f"best of {args.repeat}")
-        print(f"assumed step time: 2 network calls x blocks x {SECONDS_PER_BLOCK_CALL * 1e3:.0f} ms "
-              f"(about {ASSUMED_JOB_SECONDS // 60} min for 1024->4096 on one GPU, {ASSUMED_CALLS} calls x "
-              f"{ASSUMED_BLOCKS} blocks; not measured here)\n")
+        print(f"step time: 2 network calls x blocks x {SECONDS_PER_BLOCK_CALL * 1e3:.1f} ms (measured on one "
+              f"H200 with gpu_offload_check.py: a whole 4096^2 call; not measured on this machine)\n")
         header = (f"{'canvas':>10} {'x MB':>6} {'save s':>7} {'median':>7} {'sha256':>7} {'write':>7} "
                   f"{'fsync':>7} {'load s':>7} {'peak+MB':>8} {'step s':>7} {'save/step':>9} {'overhead@60s':>12}")
         print(header + "\n" + "-" * len(header))
