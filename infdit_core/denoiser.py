@@ -64,7 +64,7 @@ def check_inputs(model: InfDiT, lr, concat_lr, clip_vector, schedule: Optional[S
     if tuple(lr.shape) != (B, 3, H // SR_SCALE, W // SR_SCALE):
         raise ValueError(f"lr must be [B, 3, H/4, W/4] = {(B, 3, H // SR_SCALE, W // SR_SCALE)}, "
                          f"got {tuple(lr.shape)}")
-    strip = tuple(schedule.crop(torch.empty(B, C, H, W, device="meta"), s).shape) if schedule else (B, C, H, W)
+    strip = schedule.canvas_shape(s, C) if schedule else (B, C, H, W)
     if tuple(concat_lr.shape) not in ((B, C, H, W), strip):
         raise ValueError(f"concat_lr {tuple(concat_lr.shape)} is neither the whole canvas {(B, C, H, W)} "
                          f"(4 x lr) nor this rank's strip of it {strip}")

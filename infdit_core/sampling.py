@@ -82,9 +82,7 @@ def block_noise(seed: int, block: Block, block_size: int, channels: int = 3) -> 
 
 def strip_noise(schedule: StripSchedule, seed: int, block_size: int, channels: int = 3) -> torch.Tensor:
     """The unit noise of a strip's canvas [B, channels, H, W] (the whole canvas for one rank)."""
-    lines, across = schedule.lines * block_size, len(schedule.span) * block_size
-    H, W = (across, lines) if schedule.wide else (lines, across)
-    noise = torch.empty(schedule.batch, channels, H, W)
+    noise = torch.empty(schedule.canvas_shape(block_size, channels))
     oi, oj = schedule.origin()
     for block in schedule.order:
         i, j = (block.i - oi) * block_size, (block.j - oj) * block_size

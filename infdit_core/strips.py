@@ -77,6 +77,11 @@ class StripSchedule:
         """[start, stop) of this strip in pixels along `axis`."""
         return self.span.start * block_size, self.span.stop * block_size
 
+    def canvas_shape(self, block_size: int, channels: int = 3) -> tuple[int, int, int, int]:
+        """[batch, channels, H, W] of this strip's canvas."""
+        lines, across = self.lines * block_size, len(self.span) * block_size
+        return (self.batch, channels) + ((across, lines) if self.wide else (lines, across))
+
     def crop(self, canvas: torch.Tensor, block_size: int) -> torch.Tensor:
         """This strip of a whole-image canvas [..., H, W] (a view)."""
         start, stop = self.pixel_span(block_size)
