@@ -78,11 +78,16 @@ class BlockSweepDenoiser:
 
     lr and clip_vector are whole-image tensors, concat_lr the whole canvas or the schedule's strip of
     it; x and the result are the canvases of the schedule's strip (the whole image unless the work
-    is split over ranks), on the placement's canvas device."""
+    is split over ranks), on the placement's canvas device.
+
+    reuse_output: each call writes its result into the memory of the previous call's result
+    (which is then no longer valid), saving one canvas; for a caller that consumes each estimate
+    before the next call, as the Heun sampler does."""
 
     def __init__(self, model: InfDiT, *, lr, concat_lr, clip_vector, block_batch: int = 1,
                  on_blocks: Optional[BlockHook] = None, schedule: Optional[StripSchedule] = None,
-                 placement: Optional[Placement] = None, exchange: Optional[NeighbourExchange] = None):
+                 placement: Optional[Placement] = None, exchange: Optional[NeighbourExchange] = None,
+                 reuse_output: bool = False):
         check_inputs(model, lr, concat_lr, clip_vector, schedule)
         if schedule is None:
             B, _, H, W = concat_lr.shape
@@ -96,6 +101,7 @@ class BlockSweepDenoiser:
         self.block_batch = block_batch
         self.on_blocks = on_blocks
         self.exchange = exchange
+        self.reuse_output = reuse_output
         self.last_cache: Optional[KVCache] = None  # kept for inspection (tests, benchmarks)
         # Blocks not yet denoised in the current call show the previous estimate (at first the
         # upsampled LR), so a preview of the canvas fills in block by block.
@@ -119,7 +125,8 @@ class BlockSweepDenoiser:
                                           outgoing=self.schedule.outgoing)
         if self.exchange is not None:
             self.exchange.begin_sweep()
-        out = self._estimate.clone()
+        owned = self.reuse_output and self._estimate is not self.canvas.concat_lr
+        out = self._estimate if owned else self._estimate.clone()
         done = 0
         for blocks in chunks(self.order, batch):
             if self.exchange is not None:

@@ -32,8 +32,9 @@ log = logging.getLogger("infdit")
 # bf16 was 13% below to 4% above it (benchmarks/gpu_offload_check.py).
 ACTIVATION_FACTOR = 19
 # Float32 canvases [B, 3, H, W] the sampler holds at once in a Heun step: x, the concat LR, the
-# previous estimate, the derivative, the Euler point, the new estimate and a temporary.
-CANVASES = 7
+# estimate (each network call writes over the previous one), the derivative and the Euler point
+# (which the step turns into the result in place; see sampling.heun_step).
+CANVASES = 5
 # K/V messages a rank holds at a strip edge beyond its cache: the receives posted ahead, and the
 # sends in flight (a block being sent shares its cache entry's memory, but may outlive the entry
 # by one call).

@@ -152,11 +152,12 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
         store = StateStore(resume.directory, key, schedule, s, shape, resume.interval,
                            group=cpu_group(group) if group is not None else None, max_bytes=resume.max_bytes)
     denoiser = BlockSweepDenoiser(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, block_batch=batch,
-                                  schedule=schedule, placement=placement)
+                                  schedule=schedule, placement=placement, reuse_output=True)
     sigmas = karras_sigmas(steps).to(placement.canvas)
     start, x = 0, None
     if store is not None and (found := store.load()) is not None:
         start, x = found[0] + 1, found[1].to(placement.canvas)
+        del found  # the loaded state, if it was moved to the device
         log.info("Inf-DiT: resuming from step %d of %d (checkpoint in %s)", start, steps, resume.directory)
     if x is None:
         eps = strip_noise(schedule, seed, s) if noise is None else schedule.crop(noise, s)
@@ -174,8 +175,10 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
     def on_step(i):
         state["step"] = i
 
+    begin = [x]  # handed over with no reference kept here, so the starting canvas goes after one step
+    del x
     try:
-        x = sample_heun(resilient, x, sigmas, on_step=on_step, start=start,
+        x = sample_heun(resilient, begin.pop(), sigmas, on_step=on_step, start=start,
                         on_step_end=None if store is None else lambda i, x_i: store.after_step(i, x_i, start))
     except BaseException:
         if store is not None:

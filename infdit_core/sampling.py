@@ -43,13 +43,19 @@ def initial_state(concat_lr: torch.Tensor, noise: torch.Tensor, sigma_max: torch
 
 
 def heun_step(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-    """One deterministic Heun step (no churn); plain Euler when sigma_next is 0."""
-    d = (x - denoiser(x, sigma)) / sigma
-    x_euler = x + (sigma_next - sigma) * d
+    """One deterministic Heun step (no churn); plain Euler when sigma_next is 0.
+
+    x + h * d, then x + h * (d + d_next) / 2, with the operations of those formulas in their order
+    (the same bits), but in place where a canvas is no longer needed: beside x and the denoiser's
+    estimate the step holds two canvases (d and the Euler point, which becomes d_next and then the
+    result) instead of four. x is never written to."""
+    h = sigma_next - sigma
+    d = x.sub(denoiser(x, sigma)).div_(sigma)
+    x_euler = d.mul(h).add_(x)
     if sigma_next == 0:
         return x_euler
-    d_next = (x_euler - denoiser(x_euler, sigma_next)) / sigma_next
-    return x + (sigma_next - sigma) * (d + d_next) / 2
+    d_next = x_euler.sub_(denoiser(x_euler, sigma_next)).div_(sigma_next)
+    return d_next.add_(d).mul_(h).div_(2).add_(x)
 
 
 def network_calls(steps: int) -> int:

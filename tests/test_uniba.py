@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 from conftest import OutOfMemoryInjector, random_inputs
 from infdit_core import BlockSweepDenoiser, denoise, karras_sigmas, load_model, plan, sample
-from infdit_core.memory import choose_block_batch
+from infdit_core.memory import CANVASES, choose_block_batch
 from infdit_core.pipeline import OutOfMemory
-from infdit_core.sampling import network_calls, unit_noise
+from infdit_core.sampling import heun_step, network_calls, unit_noise
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,63 @@ def test_heun_then_final_euler(model):
     x1 = x0 + (s1 - s0) * (d0 + (x_e - D(x_e, s1)) / s1) / 2
     x2 = x1 + (0 - s1) * (x1 - D(x1, s1)) / s1  # last step: Euler to sigma = 0
     assert rel_l2(out, x2) <= 1e-5
+
+
+def test_heun_step_in_place_is_the_formula_bit_for_bit():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 8, 8, generator=g) * 10
+    before = x.clone()
+    D = lambda x, s: torch.tanh(x * 0.3) * (1 + s) / 2  # noqa: E731 - any nonlinear denoiser
+    s, s_next = torch.tensor(2.5), torch.tensor(0.7)
+    d = (x - D(x, s)) / s
+    x_e = x + (s_next - s) * d
+    assert torch.equal(heun_step(D, x, s, s_next), x + (s_next - s) * (d + (x_e - D(x_e, s_next)) / s_next) / 2)
+    assert torch.equal(heun_step(D, x, s, torch.tensor(0.0)), x + (0 - s) * d)  # Euler to sigma 0
+    assert torch.equal(x, before)  # the state it starts from is never written to
+
+
+def test_reused_output_is_written_over_and_equals_a_fresh_one(model):
+    inp = random_inputs(1, 2, 3, seed=21)
+    cond = dict(lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"], block_batch=2)
+    concat = inp["concat_lr"].clone()
+    reusing, fresh = BlockSweepDenoiser(model, reuse_output=True, **cond), BlockSweepDenoiser(model, **cond)
+    first = reusing(inp["x"], 3.0)
+    expected_first = fresh(inp["x"], 3.0)
+    assert torch.equal(first, expected_first) and torch.equal(inp["concat_lr"], concat)  # the LR is not written
+    x2 = inp["x"] * 0.5
+    second = reusing(x2, 1.0)
+    assert second.data_ptr() == first.data_ptr()  # the previous result's memory
+    assert torch.equal(second, fresh(x2, 1.0))
+    assert fresh(x2, 1.0).data_ptr() != expected_first.data_ptr()  # without reuse each call is new
+
+
+def test_sampler_holds_at_most_the_planned_canvases(model):
+    # Every tensor with a canvas-sized storage alive while the network runs (the caller's inputs
+    # included), counted once per storage: what memory.CANVASES tells the planner.
+    import gc
+
+    inp = random_inputs(1, 2, 3, seed=22)
+    canvas_bytes = inp["concat_lr"].numel() * 4
+    del inp["x"]
+
+    def canvas_storages():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # isinstance() on every object wakes deprecated module attributes
+            tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+        return {t.untyped_storage().data_ptr() for t in tensors
+                if t.dtype == torch.float32 and t.dim() == 4 and t.untyped_storage().nbytes() >= canvas_bytes}
+
+    gc.collect()
+    # Large tensors other tests keep alive (module fixtures) are not this sampler's.
+    elsewhere = canvas_storages() - {inp["concat_lr"].untyped_storage().data_ptr()}
+
+    def canvases():
+        return len(canvas_storages() - elsewhere)
+
+    seen = []
+    sample(model, steps=3, seed=0, block_batch=1, callback=lambda *a: seen.append(canvases()), **inp)
+    assert len(seen) == network_calls(3) * 6
+    assert max(seen) == CANVASES == 5  # x, concat LR, estimate, derivative, Euler point
 
 
 def test_karras_schedule_is_the_official_one(golden_dir):
