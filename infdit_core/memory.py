@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from .config import InfDiTConfig
+from .config import SR_SCALE, InfDiTConfig
 from .distributed import MAX_PENDING, RECEIVES_AHEAD
 from .model import InfDiT
 from .offload import HOST, MODES, Placement
@@ -110,7 +110,11 @@ def plan(config: InfDiTConfig, H: int, W: int, block_batch: int, dtype: torch.dt
         # waits on the host. m consecutive blocks read up to m + 1 blocks of the previous line (top
         # and top-left) and the left neighbour of the first one, which this call computed.
         kv_device = min(cached, (kv_device_slots + m + 2) * kv_block)
-    canvas_bytes = CANVASES * batch * 3 * long * s * strip * s * 4
+    # The canvases, the whole LR image and its copy padded by one block (the halo of the strip) that
+    # the cross-attention windows are cut from.
+    lr_block = s // SR_SCALE
+    canvas_bytes = (CANVASES * batch * 3 * long * s * strip * s * 4 + batch * 3 * rows * cols * lr_block ** 2 * 4
+                    + batch * 3 * (long + 2) * (strip + 2) * lr_block ** 2 * 4)
     # Block inputs and outputs staged for one call when the canvases live on the host.
     staging = 0 if canvas_on_device else m * (6 + 3 + 3) * s * s * 4
     return MemoryPlan(

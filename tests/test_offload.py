@@ -177,6 +177,9 @@ def test_planner_split_by_hand(model):
     cached = (3 + 1) * kv_block  # one line plus one block
     canvases = 5 * B * 3 * H * W * 4  # x, concat LR, estimate, derivative, Euler point (memory.CANVASES)
     assert canvases == 1_843_200 and memory.CANVASES == 5
+    lr = B * 3 * (H // 4) * (W // 4) * 4  # the LR image, 40 x 24
+    halo = B * 3 * (40 + 2 * 8) * (24 + 2 * 8) * 4  # padded by one block (8 LR pixels) on every side
+    canvases += lr + halo
     act = 19 * block  # the calibrated activation factor per block in flight (memory.ACTIVATION_FACTOR)
     assert memory.ACTIVATION_FACTOR == 19
     staging = (6 + 3 + 3) * 32 * 32 * 4  # one block's input (6 ch), network output and result (3 + 3), float32
@@ -198,7 +201,7 @@ def test_planner_split_by_hand(model):
     # Two ranks: strips of 2 and 1 columns; the larger one plans for 2 columns plus the received
     # edge block, and two K/V messages at its edge (one send in flight past its cache entry, one
     # receive posted ahead; the block being packed for sending is its own cache entry).
-    strip_canvases = 5 * B * 3 * H * 64 * 4
+    strip_canvases = 5 * B * 3 * H * 64 * 4 + lr + B * 3 * (40 + 16) * (16 + 16) * 4  # halo of a 2-column strip
     assert split("all", world=2) == (3 * kv_block, act + staging, 0, 2 * kv_block, kv_block, strip_canvases)
     assert split("off", world=2) == ((2 + 1 + 1) * kv_block, act, strip_canvases, 2 * kv_block, 0, 0)
 
@@ -208,7 +211,7 @@ def test_planner_released_model_by_hand():
     kv_block = 28 * 2 * 32 ** 2 * 1280 * 2  # bf16: 146.8 MB
     p = plan(config, 8192, 8192, 1, torch.bfloat16, offload="all")
     assert p.kv_cache == 3 * kv_block and p.kv_host == (64 + 1 - 3) * kv_block
-    assert p.canvases == 0 and p.canvases_host == 5 * 3 * 8192 * 8192 * 4
+    assert p.canvases == 0 and p.canvases_host == 5 * 3 * 8192 * 8192 * 4 + 3 * 2048 ** 2 * 4 + 3 * (2048 + 64) ** 2 * 4
     assert p.activations == 19 * 32 ** 2 * 1280 * 2 + 12 * 128 * 128 * 4
 
 
@@ -262,9 +265,9 @@ def test_auto_placement_as_the_budget_shrinks(model, no_cuda):
 def test_host_memory_error_gives_the_numbers(no_cuda):
     config = InfDiTConfig()
     kv_block = 28 * 2 * 32 ** 2 * 1280 * 2
-    canvases = 5 * 3 * 8192 * 8192 * 4  # 4.03 GB
+    canvases = 5 * 3 * 8192 * 8192 * 4 + 3 * 2048 ** 2 * 4 + 3 * 2112 ** 2 * 4  # x, ..., the LR and its halo: 4.13 GB
     kv_host = 62 * kv_block  # 65 cached, 3 on the device: 9.10 GB
-    need = canvases + kv_host  # 13.13 GB
+    need = canvases + kv_host  # 13.23 GB
     common = (config, 8192, 8192, torch.bfloat16, "cuda")
     with pytest.raises(HostMemoryError) as caught:
         resolve_execution(1, "all", *common, budget=100 << 30, host_budget=8 * 10 ** 9)
@@ -272,7 +275,7 @@ def test_host_memory_error_gives_the_numbers(no_cuda):
     for text in ["8192x8192", f"{need / 1e9:.2f} GB of host memory", f"canvases {canvases / 1e9:.2f} GB",
                  f"spilled K/V {kv_host / 1e9:.2f} GB", "8.00 GB is available"]:
         assert text in message, (text, message)
-    assert "13.13 GB" in message
+    assert "13.23 GB" in message
     resolve_execution(1, "all", *common, budget=100 << 30, host_budget=need)  # exactly enough
     # auto on a small card ends at 'all' and is refused the same way.
     with pytest.raises(HostMemoryError):
