@@ -28,8 +28,8 @@ log = logging.getLogger("infdit")
 # Hidden-sized tensors ([blocks, tokens, width]) alive at the peak of one layer's forward: the
 # 4-slot keys and values gathered straight into the attention layout, next to q, the residual
 # stream and the attention output; or the MLP's 4x-wide hidden state. Calibrated: the planner is
-# 1%..10% above the measured sample peak (benchmarks/bench_uniba.py, CPU fp32); an H200's peak in
-# bf16 was 13% below to 4% above it (benchmarks/gpu_offload_check.py).
+# within -1%..+3% of the measured sample peak (benchmarks/bench_uniba.py, CPU fp32); one denoiser
+# call on an H200 in bf16 peaked 12% below to 4% above it (benchmarks/gpu_offload_check.py).
 ACTIVATION_FACTOR = 19
 # Float32 canvases [B, 3, H, W] the sampler holds at once in a Heun step: x, the concat LR, the
 # estimate (each network call writes over the previous one), the derivative and the Euler point
