@@ -51,6 +51,16 @@ def test_padding_keeps_all_content():
     assert torch.equal(lr[..., :37, 53:], img[..., :, -1:].expand(-1, -1, -1, 3))
 
 
+def test_condition_on_the_block_grid_is_clamped_without_touching_the_input():
+    img = (image(1, 3, 16, 24) * 2 - 1) * 1.5  # beyond [-1, 1], as bicubic overshoot can be
+    before = img.clone()
+    concat, lr = prepare_condition(img, (64, 96), block_size=32)  # 4x lands on the grid: no padding
+    direct = F.interpolate(before, size=(64, 96), mode="bicubic", antialias=True)
+    assert torch.equal(concat, direct.clamp(-1, 1)) and torch.equal(lr, before)
+    same, _ = prepare_condition(img, (16, 24), block_size=8)  # no resize either: the clamp makes a copy
+    assert torch.equal(same, before.clamp(-1, 1)) and torch.equal(img, before)
+
+
 def test_fractional_quarter_size_stays_aligned():
     img = image(1, 3, 37, 53) * 2 - 1
     concat, lr = prepare_condition(img, (111, 159), block_size=32)
