@@ -125,7 +125,9 @@ class BlockSweepDenoiser:
                                           outgoing=self.schedule.outgoing)
         if self.exchange is not None:
             self.exchange.begin_sweep()
-        owned = self.reuse_output and self._estimate is not self.canvas.concat_lr
+        # The previous result is written over unless it is still read: the LR, or x itself.
+        owned = (self.reuse_output and self._estimate is not self.canvas.concat_lr
+                 and self._estimate.data_ptr() != x.data_ptr())
         out = self._estimate if owned else self._estimate.clone()
         done = 0
         for blocks in chunks(self.order, batch):

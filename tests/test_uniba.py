@@ -140,6 +140,9 @@ def test_reused_output_is_written_over_and_equals_a_fresh_one(model):
     assert second.data_ptr() == first.data_ptr()  # the previous result's memory
     assert torch.equal(second, fresh(x2, 1.0))
     assert fresh(x2, 1.0).data_ptr() != expected_first.data_ptr()  # without reuse each call is new
+    # Fed its own result, it does not write over what it is reading.
+    again = reusing(second, 0.5)
+    assert again.data_ptr() != second.data_ptr() and torch.equal(again, fresh(second, 0.5))
 
 
 def test_sampler_holds_at_most_the_planned_canvases(model):
