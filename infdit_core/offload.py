@@ -1,7 +1,7 @@
 """The storage policy: where the sampler's canvases and the cached K/V live while the network runs.
 
-`off` keeps everything on the compute device. `canvas` keeps the sampler state (x, the estimate,
-the concat LR, the noise, the Heun temporaries) in host memory: each network call moves only its
+`off` keeps everything on the compute device. `canvas` keeps the sampler's canvases (x, the
+estimate, the concat LR, the Heun step's derivative and Euler point) in host memory: each network call moves only its
 blocks' inputs to the device and its outputs back, and the pixel-local Heun update runs on the host
 (a few element-wise passes over the canvas per step: about a second at 8192² on one CPU core,
 against minutes of network calls per step, so moving it to the device would only buy a second
