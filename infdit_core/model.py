@@ -196,19 +196,23 @@ class InfDiT(nn.Module):
         h = self.mixins.patch_embed.proj(inputs.z.to(self.dtype)).flatten(2).transpose(1, 2)
         angles = rope_angles(inputs.rows, inputs.cols, cfg.head_dim, cfg.rope_size)[:, :, None]
         cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        del angles
         mods = cond.layer_mod[inputs.batch_index]
+        # Sub-layer inputs are passed as temporaries, never named here: each sub-layer drops its
+        # input once it is projected, so no hidden-sized input outlives its use (at the peak of
+        # a layer, the attention, only the residual stream, q and the gathered K/V are alive).
         for index, layer in enumerate(self.transformer.layers):
             shift_msa, scale_msa, shift_mlp, scale_mlp = mods[:, index].unbind(1)
-            attn_in = modulate(self._ln(h), shift_msa, scale_msa)
-            h = h + self._self_attention(index, layer, attn_in, cos, sin, neighbours)
+            h = h + self._self_attention(index, layer, modulate(self._ln(h), shift_msa, scale_msa),
+                                         cos, sin, neighbours)
             if index == 0:
                 # Nearby-LR cross-attention, layer 0 only: un-modulated LN in, no gate out, and an
                 # affine LN (instead of the plain one) in front of this layer's MLP.
                 h = h + self._lr_cross_attention(self._ln(h), self._lr_tokens(inputs))
-                mlp_in = adaln.post_cross_attention_layernorm(h)
+                mlp_norm = adaln.post_cross_attention_layernorm
             else:
-                mlp_in = self._ln(h)
-            h = h + layer.mlp(modulate(mlp_in, shift_mlp, scale_mlp))
+                mlp_norm = self._ln
+            h = h + layer.mlp(modulate(mlp_norm(h), shift_mlp, scale_mlp))
         shift, scale = cond.final_mod[inputs.batch_index].unbind(1)
         # Official quirk (8.1-5): SAT's final LayerNorm, then the final layer's own, both plain.
         y = self.mixins.final_layer.linear(modulate(self._ln(self._ln(h)), shift, scale))
@@ -223,17 +227,21 @@ class InfDiT(nn.Module):
     def _self_attention(self, index, layer, x, cos, sin, neighbours):
         M, T, D = x.shape
         q, k, v = self._split(layer.attention.query_key_value(x), 3)
+        del x
+        # v on its own: the projection (3x its size) is freed once q and k are normalised, and
+        # the cache can keep the block's V without copying it (see KVCache.gather).
+        v = v.contiguous().transpose(1, 2)
         q_norm = self.mixins.adaln_layer.q_layer_norm[index]
         # Official quirk (8.1-1): the query LayerNorm normalises the keys too.
         q = apply_rope(q_norm(q), cos, sin).transpose(1, 2)
         k = apply_rope(q_norm(k), cos, sin).transpose(1, 2)
-        keys, values = neighbours.gather(index, k, v.transpose(1, 2))
-        # The call's own K/V are in keys/values (and copied into the cache) now: free them and the
-        # projection they came from before attention allocates its output.
+        keys, values = neighbours.gather(index, k, v)
+        # The call's own K/V are in keys/values (and in the cache) now.
         del k, v
         # Each neighbour slot's keys get that slot's learned offset; values and queries get none.
         keys += self.mixins.adaln_layer.re_pos_embed[index].transpose(0, 1)[None, :, :, None, :]
         out = F.scaled_dot_product_attention(q, keys.flatten(2, 3), values.flatten(2, 3))
+        del q, keys, values  # before the output projection allocates
         return layer.attention.dense(out.transpose(1, 2).reshape(M, T, D))
 
     def _lr_tokens(self, inputs: BlockInputs) -> torch.Tensor:
@@ -248,8 +256,16 @@ class InfDiT(nn.Module):
         ca = adaln.cross_attention
         M, T, D = x.shape
         (q,) = self._split(ca.query(x))
-        q = adaln.cross_q_ln(q) + adaln.lr_query_position_embedding[0]
-        k, v = self._split(ca.key_value(lr_tokens), 2)
-        k = adaln.cross_k_ln(k) + adaln.lr_key_position_embedding[0]
+        del x
+        # The LR window has 2.25x a block's tokens (3x3 LR blocks), so its K/V are the largest
+        # tensors here: the tokens are freed once projected, V is kept apart from the projection,
+        # and position embeddings and bias are added in place (the same sums; F.linear would add
+        # the bias to these strided tokens' product out of place, a second copy of K and V).
+        q = adaln.cross_q_ln(q).add_(adaln.lr_query_position_embedding[0])
+        k, v = self._split(F.linear(lr_tokens, ca.key_value.weight).add_(ca.key_value.bias), 2)
+        del lr_tokens
+        v = v.contiguous()
+        k = adaln.cross_k_ln(k).add_(adaln.lr_key_position_embedding[0])
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        del q, k, v
         return ca.dense(out.transpose(1, 2).reshape(M, T, D))

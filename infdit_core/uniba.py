@@ -28,6 +28,14 @@ def neighbour_slots(block: Block) -> tuple[Block, Block, Block, Block]:
     return block, Block(b, up, left), Block(b, i, left), Block(b, up, j)
 
 
+def _own(block: torch.Tensor) -> torch.Tensor:
+    """One block's slice of a call's K or V, to cache: the slice itself when it is the whole
+    tensor (a one-block call), otherwise a copy, so one cached block does not keep the whole
+    call's tensor alive."""
+    whole = block.untyped_storage().nbytes() == block.numel() * block.element_size()
+    return block if whole else block.clone()
+
+
 def chunks(order: list[Block], size: int) -> Iterator[list[Block]]:
     for start in range(0, len(order), size):
         yield order[start:start + size]
@@ -116,8 +124,7 @@ class KVCache:
                 if self.last_reader[block] > self.call:
                     store[block] = (packed[0], packed[1])
             elif self.last_reader[block] > self.call:
-                # A copy, so the call's whole K/V tensor is not kept alive by one cached block.
-                store[block] = (k[m].clone(), v[m].clone())
+                store[block] = (_own(k[m]), _own(v[m]))
         self.peak_blocks = max(self.peak_blocks, len(store))
         if self.placement is not None:
             self._place(layer)

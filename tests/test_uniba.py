@@ -5,9 +5,11 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from conftest import OutOfMemoryInjector, random_inputs
-from infdit_core import BlockSweepDenoiser, denoise, karras_sigmas, load_model, plan, sample
+from infdit_core import BlockSweepDenoiser, InfDiT, InfDiTConfig, denoise, karras_sigmas, load_model, plan, sample
 from infdit_core.memory import CANVASES, choose_block_batch
 from infdit_core.pipeline import OutOfMemory
 from infdit_core.sampling import heun_step, network_calls, unit_noise
@@ -172,6 +174,55 @@ def test_sampler_holds_at_most_the_planned_canvases(model):
     sample(model, steps=3, seed=0, block_batch=1, callback=lambda *a: seen.append(canvases()), **inp)
     assert len(seen) == network_calls(3) * 6
     assert max(seen) == CANVASES == 5  # x, concat LR, estimate, derivative, Euler point
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensors created inside the mode that are alive at once (an op's output
+    that shares memory with one of its inputs, a view, is not new)."""
+
+    def __init__(self):
+        super().__init__()
+        self.alive = {}  # storage address -> (weak reference, bytes)
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                storage = t.untyped_storage()
+                self.alive.setdefault(storage.data_ptr(), (storage._weak_ref(), storage.nbytes()))
+        self.alive = {k: v for k, v in self.alive.items() if not torch.UntypedStorage._expired(v[0])}
+        self.peak = max(self.peak, sum(n for _, n in self.alive.values()))
+        return out
+
+
+def test_one_block_network_call_holds_only_the_accounted_activations(monkeypatch):
+    # The official block geometry (patch 4, 128-px blocks: 1024 tokens per block, a 48x48-token
+    # LR window), small width: 2 layers, width 128, 2 heads of 64.
+    config = InfDiTConfig(num_layers=2, hidden_size=128, num_heads=2, patch_size=4, block_size=128, image_size=512)
+    model = InfDiT(config).eval()
+    peaks = []
+    forward = InfDiT.forward_blocks
+
+    def tracked(self, *args):
+        with LiveTensorBytes() as live:
+            result = forward(self, *args)
+        peaks.append(live.peak)
+        return result
+
+    monkeypatch.setattr(InfDiT, "forward_blocks", tracked)
+    inp = random_inputs(1, 2, 3, seed=3, block=128)
+    BlockSweepDenoiser(model, lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"],
+                       block_batch=1)(inp["x"], 1.0)
+    assert len(peaks) == 6
+    unit = 1024 * 128 * 4  # one hidden-sized tensor of one block, float32
+    # The peak is the last layer's attention: the residual stream 1, q 1, the 4-slot keys and
+    # values 8, the attention output 1, this block's K and V of both layers 4 (cached for its
+    # neighbours, not copied), RoPE cos and sin 1 (2 x head_dim / width). Every other input of a
+    # sub-layer (the modulated and normalised inputs, the QKV projection, the LR tokens) is gone
+    # by then; keeping them would add 5 or more.
+    assert max(peaks) == pytest.approx(16 * unit, rel=0.01)
 
 
 def test_karras_schedule_is_the_official_one(golden_dir):
