@@ -25,12 +25,12 @@ from .offload import HOST, MODES, Placement
 
 log = logging.getLogger("infdit")
 
-# Hidden-sized tensors ([blocks, tokens, width]) alive at the peak of one layer's forward: the
-# 4-slot keys and values gathered straight into the attention layout, next to q, the residual
-# stream and the attention output; or the MLP's 4x-wide hidden state. Calibrated: the planner is
-# within -1%..+3% of the measured sample peak (benchmarks/bench_uniba.py, CPU fp32); one denoiser
-# call on an H200 in bf16 peaked 12% below to 4% above it (benchmarks/gpu_offload_check.py).
-ACTIVATION_FACTOR = 19
+# Hidden-sized tensors ([blocks, tokens, width]) alive at the peak of one network call, per block:
+# the 4-slot keys and values gathered straight into the attention layout (8), q, the residual
+# stream and the attention output, RoPE tables and allocator slack; every sub-layer input is freed
+# once projected (model.py). Calibrated with benchmarks/bench_uniba.py (CPU fp32), which prints the
+# planner's error against the measured sample peak.
+ACTIVATION_FACTOR = 16
 # Float32 canvases [B, 3, H, W] the sampler holds at once in a Heun step: x, the concat LR, the
 # estimate (each network call writes over the previous one), the derivative and the Euler point
 # (which the step turns into the result in place; see sampling.heun_step).
