@@ -41,8 +41,9 @@ class Route:
     """What the server sends for one path. `cuts`: byte counts after which successive responses
     are cut (the connection closes early), one per request until used up."""
 
-    def __init__(self, body, content_type="application/octet-stream", ranges=True, cuts=()):
+    def __init__(self, body=b"", content_type="application/octet-stream", ranges=True, cuts=(), redirect=None):
         self.body, self.content_type, self.ranges, self.cuts = body, content_type, ranges, list(cuts)
+        self.redirect = redirect  # a path: answer 302 with that Location instead
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -53,6 +54,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         route = self.server.routes.get(urllib.parse.urlsplit(self.path).path)  # proxied: an absolute URL
         if route is None:
             self.send_error(404)
+            return
+        if route.redirect is not None:  # a share link pointing at the storage URL
+            self.send_response(302)
+            self.send_header("Location", route.redirect)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         start = int(self.headers["Range"][6:].split("-")[0]) if route.ranges and self.headers.get("Range") else 0
         self.send_response(206 if start else 200)
@@ -146,6 +153,19 @@ def test_cut_transfer_resumes_converts_and_loads(server, official_bytes, golden_
     code, err = run_download(capsys, "--to", to, "--url", url(server), "--delete-pickle")
     assert code == 0 and len(server.seen) == 2 and "already there and verified" in err
     assert sorted(os.listdir(to)) == ["infdit_bf16.safetensors", "infdit_bf16.safetensors" + RECORD_SUFFIX]
+
+
+def test_share_link_redirect_is_followed_and_resumes_with_its_range(server, official_bytes, tmp_path, capsys):
+    cut = len(official_bytes) // 3
+    server.routes["/share/abc"] = Route(redirect="/storage/official.pt")
+    server.routes["/storage/official.pt"] = Route(official_bytes, cuts=[cut])
+    code, err = run_download(capsys, "--to", tmp_path, "--url", url(server, "/share/abc"), "--convert", "none")
+    assert code == 0, err
+    # Each attempt goes through the share link, and the Range header survives the redirect.
+    assert server.seen == [("/share/abc", None), ("/storage/official.pt", None),
+                           ("/share/abc", f"bytes={cut}-"), ("/storage/official.pt", f"bytes={cut}-")]
+    assert "Resuming" in err
+    assert (tmp_path / OFFICIAL_FILENAME).read_bytes() == official_bytes
 
 
 def test_server_ignoring_range_means_a_restart(server, official_bytes, tmp_path, capsys):
