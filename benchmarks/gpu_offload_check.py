@@ -244,7 +244,10 @@ def main(argv=None) -> int:
             execute(f"off (reference, bb {m})", "off", 0, m)
         execute("auto (this device)", mode, slots, m, reference_key=None if mode != "off" else ("off", 1))
         execute("all (warm)", "all", 0, 1)
-        del inp, outputs
+        # Free this size's tensors before the next size allocates its own (rebound, not deleted: the
+        # closures above name them).
+        inp = None
+        outputs.clear()
 
     header = (f"{'output':>7} {'run':<22} {'offload':<7} {'slots':>5} {'bb':>5} {'calls':>6} {'call s':>8} "
               f"{'ms/net':>8} {'peak GB':>8} {'plan GB':>8} {'peak/plan':>9} {'pinned GB':>9} {'planK/V GB':>10} "
