@@ -28,10 +28,10 @@ class NeighbourExchange(Protocol):
         """A new network call (a sweep over the strip) starts."""
 
     def receive(self, cache: KVCache, blocks: list[Block]) -> None:
-        """Put into `cache` every block of the previous rank that `blocks` read."""
+        """Put into `cache` every block of the previous rank that `blocks` read (see KVCache.put)."""
 
-    def send(self, packed: list[tuple[Block, torch.Tensor]]) -> None:
-        """Hand the K/V of this rank's edge blocks to the next rank."""
+    def send(self, packed: list[tuple[Block, list[torch.Tensor]]]) -> None:
+        """Hand the K/V of this rank's edge blocks (one tensor per layer) to the next rank."""
 
 
 def edm_precondition(sigma: torch.Tensor):
@@ -135,12 +135,16 @@ class BlockSweepDenoiser:
                 self.exchange.receive(cache, blocks)
             cache.begin_call(blocks)
             inputs = self.canvas.inputs(blocks, x)
-            raw, image = inputs.z, inputs.batch_index
+            image = inputs.batch_index
+            skip = c_skip[image] * inputs.z[:, :3]
             # Official quirk (8.1-3): c_in scales the LR concat channels as well as the noisy image.
-            net = model.forward_blocks(inputs._replace(z=raw * c_in[image]), cond, cache).float()
-            denoised = placement.to_canvas(c_skip[image] * raw[:, :3] + c_out[image] * net)
+            # In place: the fresh block inputs are not needed unscaled once the skip term is taken.
+            inputs.z.mul_(c_in[image])
+            net = model.forward_blocks(inputs, cond, cache).float()
+            denoised = placement.to_canvas(skip + c_out[image] * net)
             for m, blk in enumerate(blocks):
                 self.canvas.pixels(out, blk).copy_(denoised[m])
+            del skip, net, denoised  # not held through the next call
             if self.exchange is not None:
                 self.exchange.send(cache.take_outbox())
             done += len(blocks)
