@@ -106,6 +106,8 @@ class Waits:
                     setattr(self, field, getattr(self, field) + time.perf_counter() - start)
             return wrapper
         distributed.StripExchange.receive = timed(distributed.StripExchange.receive, "receive")
+        # Receives are waited for inside the network call, layer by layer, when the cache reads them.
+        distributed.StripExchange._arrived = timed(distributed.StripExchange._arrived, "receive")
         distributed.StripExchange.send = timed(distributed.StripExchange.send, "send")
         distributed.StripExchange.close = timed(distributed.StripExchange.close, "close")
         pipeline.gather_strips = timed(pipeline.gather_strips, "gather")
@@ -242,9 +244,10 @@ def predictions():
                   f"{single / piped:7.1f}x {memory / 1e9:16.1f} {link}")
     print("ranks used: the strips are whole block columns, so at most one rank per column (a 4096 output "
           "has 32); the others stay idle.\nlink GB/s: what each rank receives from its left neighbour "
-          "(and sends to its right one) while the pipeline runs; transfers overlap compute (receives are "
-          "posted ahead), so the link only has to keep up with this rate, plus its latency once per rank "
-          "in the fill. The final gather moves the whole float32 image to rank 0 once "
+          "(and sends to its right one) while the pipeline runs; a block's layers arrive while the layers "
+          "before them compute, so the link has to keep up with this rate, and each strip line waits only "
+          f"for the first layer's message ({kv / RELEASED.num_layers / 1e6:.1f} MB) and the link's latency. "
+          "The final gather moves the whole float32 image to rank 0 once "
           "(0.2 GB at 4096^2, 3.2 GB at 16384^2).")
 
 

@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 
 from .config import SR_SCALE, InfDiTConfig
-from .distributed import MAX_PENDING, RECEIVES_AHEAD
+from .distributed import MAX_PENDING
 from .model import InfDiT
 from .offload import HOST, MODES, Placement
 
@@ -35,10 +35,11 @@ ACTIVATION_FACTOR = 16
 # estimate (each network call writes over the previous one), the derivative and the Euler point
 # (which the step turns into the result in place; see sampling.heun_step).
 CANVASES = 5
-# K/V messages a rank holds at a strip edge beyond its cache: the receives posted ahead, and the
-# sends in flight (a block being sent shares its cache entry's memory, but may outlive the entry
-# by one call).
-EDGE_BUFFERS = MAX_PENDING + RECEIVES_AHEAD
+# K/V messages a rank holds at a strip edge beyond its cache: the sends in flight (a block being
+# sent shares its cache entry's memory, but may outlive the entry by one call). Receives cost
+# nothing more: a block arrives layer by layer in the call that first reads it, as the edge block
+# of the line before (counted in the cache) is freed layer by layer in the same call.
+EDGE_BUFFERS = MAX_PENDING
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,7 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
     resilient = _BackoffDenoiser(denoiser, retry=world == 1)
     resilient.calls_done = min(2 * start, total_calls)  # two calls a step, one in the last
     if world > 1:
-        denoiser.exchange = StripExchange(schedule, group, model, sweeps=total_calls - resilient.calls_done)
+        denoiser.exchange = StripExchange(schedule, group, model)
     state = {"step": start}
     if callback is not None:
         _report_progress(callback, denoiser, resilient, state, steps, share=B * (H // s) * (W // s))

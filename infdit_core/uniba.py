@@ -9,7 +9,7 @@ with memory for one line of blocks instead of the whole image.
 from __future__ import annotations
 
 import bisect
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +47,8 @@ class KVCache:
     Per layer it keeps the K/V (post-LN, post-RoPE, before the slot offset) of blocks that a later
     call still reads, and frees each one in the call that reads it last. A neighbour inside the
     current call comes straight from the call's fresh K/V. Blocks swept by another rank enter
-    through `put`; the K/V of the `outgoing` blocks are packed per call for the next rank
-    ([layers, 2, heads, tokens, head_dim], see `take_outbox`). With a placement that spills K/V,
+    through `put`; the K/V of the `outgoing` blocks are packed per call for the next rank, one
+    [2, heads, tokens, head_dim] tensor per layer (see `take_outbox`). With a placement that spills K/V,
     each layer's store keeps on the compute device the blocks the next call reads plus
     `kv_device_slots` more (soonest read first) and the rest in host memory."""
 
@@ -69,7 +69,7 @@ class KVCache:
         self.placement = placement if placement is not None and placement.spills_kv else None
         self.host = HostSlots(placement) if self.placement is not None else None
         self.outgoing = set(outgoing)
-        self.outbox: dict[Block, torch.Tensor] = {}
+        self.outbox: dict[Block, list[torch.Tensor]] = {}
         self.peak_blocks = 0  # most blocks held by one layer's store at any time
         self.peak_device_blocks = 0  # of those, most on the compute device
         self.call = -1
@@ -81,13 +81,22 @@ class KVCache:
         self.blocks = blocks
         self.position = {block: m for m, block in enumerate(blocks)}
 
-    def put(self, block: Block, kv: torch.Tensor):
-        """K/V of a block computed elsewhere, [layers, 2, heads, tokens, head_dim]."""
-        for layer in range(self.num_layers):
-            self.stores[layer][block] = (kv[layer, 0], kv[layer, 1])
+    def put(self, block: Block, layers: list[Callable[[], torch.Tensor]]):
+        """K/V of a block computed elsewhere: per layer, a function that returns them as one
+        [2, heads, tokens, head_dim] tensor, waiting for them if they are still in transit. It is
+        called when the layer is first read, so a transfer overlaps the layers before it."""
+        for store, arrival in zip(self.stores, layers, strict=True):
+            store[block] = arrival
 
-    def take_outbox(self) -> list[tuple[Block, torch.Tensor]]:
-        """The packed K/V of this call's outgoing blocks, in sweep order."""
+    def _entry(self, layer: int, source: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self.stores[layer][source]
+        if callable(entry):
+            kv = entry()
+            entry = self.stores[layer][source] = (kv[0], kv[1])
+        return entry
+
+    def take_outbox(self) -> list[tuple[Block, list[torch.Tensor]]]:
+        """The packed K/V of this call's outgoing blocks (per layer), in sweep order."""
         return [(block, self.outbox.pop(block)) for block in self.blocks if block in self.outbox]
 
     def gather(self, layer, k, v):
@@ -95,7 +104,7 @@ class KVCache:
 
         def pick(source):
             m = self.position.get(source)
-            return (k[m], v[m]) if m is not None else store[source]
+            return (k[m], v[m]) if m is not None else self._entry(layer, source)
 
         # Written straight into the layout attention reads, [M, heads, slots, tokens, head_dim]:
         # the slot offsets are then added in place and the slots flattened without a copy.
@@ -115,12 +124,10 @@ class KVCache:
         for m, block in enumerate(self.blocks):
             if block in self.outgoing:
                 # Packed for the next rank; the cache keeps views of the same memory, so the block
-                # waiting to be sent costs nothing beyond its cache entry.
-                if block not in self.outbox:
-                    self.outbox[block] = k.new_empty(self.num_layers, 2, *k.shape[1:])
-                packed = self.outbox[block][layer]
-                packed[0].copy_(k[m])
-                packed[1].copy_(v[m])
+                # waiting to be sent costs nothing beyond its cache entry. One tensor per layer, as
+                # every cache entry, so each layer is freed once its last reader has gathered it.
+                packed = torch.stack([k[m], v[m]])
+                self.outbox.setdefault(block, []).append(packed)
                 if self.last_reader[block] > self.call:
                     store[block] = (packed[0], packed[1])
             elif self.last_reader[block] > self.call:
@@ -139,6 +146,8 @@ class KVCache:
         """Keep on the device what the next call reads (and the soonest-read others the slots
         allow); move the rest of this layer's store to the host."""
         store, spilled = self.stores[layer], self.spilled[layer]
+        for source in store:
+            self._entry(layer, source)  # a block still in transit arrives before it is placed
         next_read = {source: self._next_read(source) for source in store}
         ranked = sorted(store, key=next_read.get)
         needed = sum(1 for call in next_read.values() if call == self.call + 1)

@@ -8,8 +8,8 @@ import torch.distributed as dist
 from conftest import condition, random_inputs, spawn_ranks
 from infdit_core import BlockSweepDenoiser, load_model, pipeline, sample, upscale
 from infdit_core.pipeline import Resume, strip_of
-from infdit_core.strips import StripSchedule, split
-from infdit_core.uniba import neighbour_slots
+from infdit_core.strips import Block, StripSchedule, split
+from infdit_core.uniba import KVCache, neighbour_slots
 
 CASES = {  # name: (batch, block rows, block cols, block batch of rank r: block_batch + r)
     "odd_partial_strip": (1, 3, 5, 0),  # 5 columns over 2 or 3 ranks: uneven strips
@@ -164,8 +164,9 @@ def test_edge_blocks_are_sent_from_their_cache_entries(golden_dir):
             for block, kv in packed:
                 self.sent.append(block)
                 if block in self.cache.stores[0]:
-                    assert all(self.cache.stores[layer][block][n].data_ptr() == kv[layer, n].data_ptr()
-                               for layer in range(kv.shape[0]) for n in (0, 1))
+                    assert len(kv) == len(self.cache.stores)  # one tensor per layer
+                    assert all(self.cache.stores[layer][block][n].data_ptr() == kv[layer][n].data_ptr()
+                               for layer in range(len(kv)) for n in (0, 1))
                     self.shared += 1
 
     exchange = Recording()
@@ -174,6 +175,65 @@ def test_edge_blocks_are_sent_from_their_cache_entries(golden_dir):
     denoiser(schedule.crop(inputs["x"], 32), 1.5)
     assert exchange.sent == schedule.outgoing
     assert exchange.shared == 4  # lines 0 to 3; the last line's edge block is read by no later line
+
+
+def test_received_blocks_arrive_and_are_freed_layer_by_layer(golden_dir, monkeypatch):
+    """A block from the previous rank is waited for only when a layer first reads it (so later
+    layers arrive while earlier ones compute), and each layer of it is freed once its last reader
+    has gathered it, not when the whole block is done with."""
+    model = load_model(golden_dir / "tiny_model.safetensors")
+    cfg = model.config
+    inputs = random_inputs(1, 3, 5)
+    schedule = StripSchedule(1, 3, 5, 2, 1)  # lines are block columns; this rank has row 2 and reads row 1
+    events, storages = [], {}
+
+    class Supplying:
+        def __init__(self):
+            self.supplied = set()
+
+        def begin_sweep(self):
+            self.supplied.clear()
+
+        def receive(self, cache, blocks):
+            for source in sorted({s for block in blocks for s in neighbour_slots(block)} & set(schedule.incoming)):
+                if source not in self.supplied:
+                    self.supplied.add(source)
+                    cache.put(source, [self.arrival(source, layer) for layer in range(cfg.num_layers)])
+
+        def arrival(self, source, layer):
+            def arrive():
+                events.append(("arrive", source, layer))
+                kv = torch.randn(2, cfg.num_heads, cfg.block_tokens ** 2, cfg.head_dim)
+                storages[source, layer] = kv.untyped_storage()._weak_ref()
+                return kv
+            return arrive
+
+        def send(self, packed):
+            pass
+
+    gather = KVCache.gather
+
+    def logged(cache, layer, k, v):
+        events.append(("gather", cache.blocks[0], layer))
+        result = gather(cache, layer, k, v)
+        alive = {key for key, ref in storages.items() if not torch.UntypedStorage._expired(ref)}
+        events.append(("alive", cache.blocks[0], layer, alive))
+        return result
+
+    monkeypatch.setattr(KVCache, "gather", logged)
+    denoiser = BlockSweepDenoiser(model, lr=inputs["lr"], concat_lr=inputs["concat_lr"],
+                                  clip_vector=inputs["clip_vector"], schedule=schedule, exchange=Supplying())
+    denoiser(schedule.crop(inputs["x"], 32), 1.5)
+    # Block (2, j) reads (1, j) as its top and (2, j + 1) reads it as its top-left neighbour.
+    for j in range(5):
+        source, first, last = Block(0, 1, j), Block(0, 2, j), Block(0, 2, min(j + 1, 4))
+        for layer in range(cfg.num_layers):
+            arrived = events.index(("arrive", source, layer))
+            assert events[arrived - 1] == ("gather", first, layer)  # waited for inside that layer's gather
+            alive = next(e[3] for e in events if e[:3] == ("alive", last, layer))
+            assert (source, layer) not in alive  # freed by its last reader's gather of that layer
+            if last != first:  # (the last line's edge block is read once: its later layers arrive later)
+                assert all((source, later) in alive for later in range(layer + 1, cfg.num_layers))
 
 
 RESUME_STEPS = 4

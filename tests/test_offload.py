@@ -199,11 +199,12 @@ def test_planner_split_by_hand(model):
     assert split("all", m=30) == (0, 30 * (act + staging), 0, 0, 0, canvases)  # one call: no cache
     assert split("off", m=30) == (0, 30 * act, canvases, 0, 0, 0)
     # Two ranks: strips of 2 and 1 columns; the larger one plans for 2 columns plus the received
-    # edge block, and two K/V messages at its edge (one send in flight past its cache entry, one
-    # receive posted ahead; the block being packed for sending is its own cache entry).
+    # edge block, and one K/V message at its edge: a send in flight past its cache entry (the block
+    # being packed for sending is its own cache entry; a received block arrives, layer by layer, in
+    # the call that reads it while that call frees the previous line's edge block).
     strip_canvases = 5 * B * 3 * H * 64 * 4 + lr + B * 3 * (40 + 16) * (16 + 16) * 4  # halo of a 2-column strip
-    assert split("all", world=2) == (3 * kv_block, act + staging, 0, 2 * kv_block, kv_block, strip_canvases)
-    assert split("off", world=2) == ((2 + 1 + 1) * kv_block, act, strip_canvases, 2 * kv_block, 0, 0)
+    assert split("all", world=2) == (3 * kv_block, act + staging, 0, kv_block, kv_block, strip_canvases)
+    assert split("off", world=2) == ((2 + 1 + 1) * kv_block, act, strip_canvases, kv_block, 0, 0)
 
 
 def test_planner_released_model_by_hand():
