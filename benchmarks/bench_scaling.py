@@ -61,7 +61,8 @@ WEIGHT_SEED, SEED = 1234, 7
 TARGET_SPEEDUP, TARGET_MEMORY = 1.7, 0.6
 # Measured with benchmarks/gpu_offload_check.py on one NVIDIA H200 (bf16, random weights at the
 # released geometry): one network call over a 4096² output at block batch 1, offload off, took
-# 25.2 s for 1024 blocks (at a block batch of 1024, 10.3 s). Not measurable on this CPU machine.
+# 25.2 s for 1024 blocks (at a block batch of 1024, 10.3 s). A later lease took 29.9 s and 11.1 s
+# with the same script: times vary between machines of the same kind. Not measurable on this CPU machine.
 H200_BLOCK_SECONDS = 25.2 / 1024
 H200_WHOLE_CALL_BLOCK_SECONDS = 10.3 / 1024
 
@@ -222,7 +223,7 @@ def predictions():
           f"NVIDIA H200 (gpu_offload_check.py, 4096^2); one block is {block_flops(RELEASED) / 1e12:.2f} TFLOP per "
           f"call, so {block_flops(RELEASED) / t_block / 1e12:.0f} TFLOP/s. For comparison, one GPU with enough "
           f"memory runs a whole 4096^2 call at once at {H200_WHOLE_CALL_BLOCK_SECONDS * 1e3:.1f} ms per block: "
-          f"1024->4096 in {fmt_time(network_calls(20) * 1024 * H200_WHOLE_CALL_BLOCK_SECONDS)} (47 GB).")
+          f"1024->4096 in {fmt_time(network_calls(20) * 1024 * H200_WHOLE_CALL_BLOCK_SECONDS)} (a 39.6 GB peak).")
     print(f"Interconnect: per strip edge, per line of each call, one block's K/V of all layers "
           f"(28 x 2 x 1024 tokens x 1280 x 2 bytes = {kv / 1e6:.0f} MB) crosses to the next rank; it must arrive "
           f"within one strip-line of that rank (strip blocks x per-block time).")
