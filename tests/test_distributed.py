@@ -1,4 +1,4 @@
-"""Image-parallel sampling: 2 and 3 CPU ranks over gloo (loopback only) give the single-process pixels."""
+"""Image-parallel sampling: 2, 3 and 4 CPU ranks over gloo (loopback only) give the single-process pixels."""
 import os
 
 import pytest
@@ -95,7 +95,7 @@ def reference(golden_dir):
     return results
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_ranks_reproduce_the_single_process_sample(golden_dir, reference, tmp_path, world):
     spawn_ranks(_rank_main, world, str(golden_dir / "tiny_model.safetensors"), str(tmp_path))
     for name in [*CASES, "chain"]:
