@@ -47,9 +47,10 @@ class KVCache:
     Per layer it keeps the K/V (post-LN, post-RoPE, before the slot offset) of blocks that a later
     call still reads, and frees each one in the call that reads it last. A neighbour inside the
     current call comes straight from the call's fresh K/V. Blocks swept by another rank enter
-    through `put`; the K/V of the `outgoing` blocks are packed per call for the next rank, one
-    [2, heads, tokens, head_dim] tensor per layer (see `take_outbox`). With a placement that spills K/V,
-    each layer's store keeps on the compute device the blocks the next call reads plus
+    through `put` and have arrived by the time their layer is placed (the exchange puts only blocks
+    the next call reads); the K/V of the `outgoing` blocks are packed per call for the next rank,
+    one [2, heads, tokens, head_dim] tensor per layer (see `take_outbox`). With a placement that
+    spills K/V, each layer's store keeps on the compute device the blocks the next call reads plus
     `kv_device_slots` more (soonest read first) and the rest in host memory."""
 
     def __init__(self, order: list[Block], block_batch: int, num_layers: int, *,
@@ -146,8 +147,6 @@ class KVCache:
         """Keep on the device what the next call reads (and the soonest-read others the slots
         allow); move the rest of this layer's store to the host."""
         store, spilled = self.stores[layer], self.spilled[layer]
-        for source in store:
-            self._entry(layer, source)  # a block still in transit arrives before it is placed
         next_read = {source: self._next_read(source) for source in store}
         ranked = sorted(store, key=next_read.get)
         needed = sum(1 for call in next_read.values() if call == self.call + 1)
