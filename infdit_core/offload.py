@@ -1,13 +1,13 @@
 """The storage policy: where the sampler's canvases and the cached K/V live while the network runs.
 
 `off` keeps everything on the compute device. `canvas` keeps the sampler's canvases (x, the
-estimate, the concat LR, the Heun step's derivative and Euler point) in host memory: each network call moves only its
-blocks' inputs to the device and its outputs back, and the pixel-local Heun update runs on the host
-(a few element-wise passes over the canvas per step: about a second at 8192² on one CPU core,
-against minutes of network calls per step, so moving it to the device would only buy a second
-copy of the canvases there). `all` also spills the per-layer K/V cache: the device keeps the blocks
-the next call reads (plus `kv_device_slots` more, the soonest needed first) and the rest of the row
-waits in host memory. Placement changes where tensors live, never the arithmetic.
+estimate, the concat LR, the Heun step's derivative and Euler point) in host memory: each network
+call moves only its blocks' inputs to the device and its outputs back, and the pixel-local Heun
+update runs on the host (a few element-wise passes over the canvas per step: about a second at 8192²
+on one CPU core, against minutes of network calls per step, so moving it to the device would only
+buy a second copy of the canvases there). `all` also spills the per-layer K/V cache: the device
+keeps the blocks the next call reads (plus `kv_device_slots` more, the soonest needed first) and the
+rest of the row waits in host memory. Placement changes where tensors live, never the arithmetic.
 
 Copies run on the compute stream as non-blocking copies through pinned host memory. Stream order
 guarantees that a spilled block is never read before its copy completes, and that a host buffer
