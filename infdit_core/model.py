@@ -13,6 +13,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
@@ -190,34 +191,46 @@ class InfDiT(nn.Module):
         return Conditioning(layer_mod.view(B, -1, 4, D), final_mod.view(B, 2, D))
 
     def forward_blocks(self, inputs: BlockInputs, cond: Conditioning,
-                       neighbours: NeighbourSource) -> torch.Tensor:
-        """Network output F for M blocks: [M, out_channels, b, b] in the model dtype."""
-        cfg, adaln = self.config, self.mixins.adaln_layer
+                       neighbours: NeighbourSource, checkpoint_layers: bool = False) -> torch.Tensor:
+        """Network output F for M blocks: [M, out_channels, b, b] in the model dtype.
+
+        checkpoint_layers: recompute each layer's activations in the backward pass instead of
+        keeping them (training: memory of one layer's activations instead of all of them)."""
+        cfg = self.config
         h = self.mixins.patch_embed.proj(inputs.z.to(self.dtype)).flatten(2).transpose(1, 2)
         angles = rope_angles(inputs.rows, inputs.cols, cfg.head_dim, cfg.rope_size)[:, :, None]
         cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
         del angles
         mods = cond.layer_mod[inputs.batch_index]
-        # Sub-layer inputs are passed as temporaries, never named here: each sub-layer drops its
-        # input once it is projected, so no hidden-sized input outlives its use (at the peak of
-        # a layer, the attention, only the residual stream, q and the gathered K/V are alive).
-        for index, layer in enumerate(self.transformer.layers):
-            shift_msa, scale_msa, shift_mlp, scale_mlp = mods[:, index].unbind(1)
-            h = h + self._self_attention(index, layer, modulate(self._ln(h), shift_msa, scale_msa),
-                                         cos, sin, neighbours)
-            if index == 0:
-                # Nearby-LR cross-attention, layer 0 only: un-modulated LN in, no gate out, and an
-                # affine LN (instead of the plain one) in front of this layer's MLP.
-                h = h + self._lr_cross_attention(self._ln(h), self._lr_tokens(inputs))
-                mlp_norm = adaln.post_cross_attention_layernorm
+        for index in range(cfg.num_layers):
+            if checkpoint_layers:
+                h = torch.utils.checkpoint.checkpoint(self._layer, index, h, mods, cos, sin, neighbours, inputs,
+                                                      use_reentrant=False)
             else:
-                mlp_norm = self._ln
-            h = h + layer.mlp(modulate(mlp_norm(h), shift_mlp, scale_mlp))
+                h = self._layer(index, h, mods, cos, sin, neighbours, inputs)
         shift, scale = cond.final_mod[inputs.batch_index].unbind(1)
         # Official quirk (8.1-5): SAT's final LayerNorm, then the final layer's own, both plain.
         y = self.mixins.final_layer.linear(modulate(self._ln(self._ln(h)), shift, scale))
         t, p = cfg.block_tokens, cfg.patch_size
         return rearrange(y, "m (r c) (pi pj ch) -> m ch (r pi) (c pj)", r=t, c=t, pi=p, pj=p)
+
+    def _layer(self, index, h, mods, cos, sin, neighbours, inputs):
+        """One transformer layer on the residual stream h [M, T, D]."""
+        layer, adaln = self.transformer.layers[index], self.mixins.adaln_layer
+        shift_msa, scale_msa, shift_mlp, scale_mlp = mods[:, index].unbind(1)
+        # Sub-layer inputs are passed as temporaries, never named here: each sub-layer drops its
+        # input once it is projected, so no hidden-sized input outlives its use (at the peak of
+        # a layer, the attention, only the residual stream, q and the gathered K/V are alive).
+        h = h + self._self_attention(index, layer, modulate(self._ln(h), shift_msa, scale_msa),
+                                     cos, sin, neighbours)
+        if index == 0:
+            # Nearby-LR cross-attention, layer 0 only: un-modulated LN in, no gate out, and an
+            # affine LN (instead of the plain one) in front of this layer's MLP.
+            h = h + self._lr_cross_attention(self._ln(h), self._lr_tokens(inputs))
+            mlp_norm = adaln.post_cross_attention_layernorm
+        else:
+            mlp_norm = self._ln
+        return h + layer.mlp(modulate(mlp_norm(h), shift_mlp, scale_mlp))
 
     def _split(self, x, parts=1):
         """[M, T, parts*D] -> parts tensors [M, T, H, d] (rows are part-major, then head-major)."""
