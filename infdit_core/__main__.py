@@ -181,7 +181,7 @@ def cmd_train(args):
     settings = TrainSettings(
         data=args.data, output=args.output, steps=args.steps, batch=args.batch, crop=args.crop, scale=args.scale,
         degrade=args.degrade, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip, ema=args.ema,
-        clip_dropout=args.clip_dropout, seed=args.seed, save_every=args.save_every, lora_rank=args.lora or 0,
+        clip_dropout=args.clip_dropout, p_mean=args.p_mean, p_std=args.p_std, seed=args.seed, save_every=args.save_every, lora_rank=args.lora or 0,
         lora_alpha=args.lora_alpha)
     try:
         init = resolve_model(args.init) if args.init else None
@@ -266,6 +266,8 @@ def main(argv=None):
     t.add_argument("--warmup", type=int, default=500, help="steps of linear learning-rate warm-up")
     t.add_argument("--grad-clip", type=float, default=1.0)
     t.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    t.add_argument("--p-mean", type=float, default=-1.0, help="noise levels: ln sigma ~ N(p_mean, p_std^2)")
+    t.add_argument("--p-std", type=float, default=1.4)
     t.add_argument("--clip", help="CLIP weights for the LR's semantic embedding, or 'embedded' (in --init); "
                                   "default: the zero vector")
     t.add_argument("--clip-dropout", type=float, default=0.1, help="share of samples given the zero vector")
