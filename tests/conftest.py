@@ -163,7 +163,7 @@ def condition(batch, rows, cols, seed=0, block=32):
     return inputs
 
 
-def network_forward(model, x, sigma, *, lr, concat_lr, clip_vector):
+def network_forward(model, x, sigma, *, lr, concat_lr, clip_vector, checkpoint_layers=False):
     """The network output F of every block of the image, [blocks, 3, b, b], in one call and under
     autograd (the sampler's denoiser runs without gradients): what a training step differentiates."""
     import torch
@@ -184,4 +184,4 @@ def network_forward(model, x, sigma, *, lr, concat_lr, clip_vector):
     _, _, c_in, c_noise = edm_precondition(sigma)
     inputs = canvas.inputs(blocks, x)
     inputs = inputs._replace(z=inputs.z * c_in[inputs.batch_index, None, None, None])
-    return model.forward_blocks(inputs, model.conditioning(c_noise, clip_vector.float()), cache)
+    return model.forward_blocks(inputs, model.conditioning(c_noise, clip_vector.float()), cache, checkpoint_layers)
