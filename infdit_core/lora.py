@@ -18,7 +18,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 from .checkpoint import CheckpointError
 from .config import InfDiTConfig
 from .model import InfDiT
+from .resume import IDENTITY_ATTR
 
 FORMAT = "infdit-lora"
 A, B = "lora_A", "lora_B"
@@ -249,16 +250,16 @@ def check_lora(model: InfDiT, lora: Lora) -> None:
         ours = model.config.to_dict()
         differ = [f"{k} {lora.config[k]} (this model: {ours[k]})" for k in ours if k in lora.config
                   and lora.config[k] != ours[k]]
-        made_for = f" It was made for another model: {', '.join(differ)}." if differ else ""
+        made_for = f"\n  It was made for another model: {', '.join(differ)}." if differ else ""
     raise LoraError(f"{lora.name} does not fit this Inf-DiT model:\n  " + "\n  ".join(problems) + made_for)
 
 
-@contextmanager
-def merged(model: InfDiT, loras: Sequence[tuple[Lora, float]]):
-    """Within the context, the weights of `model` carry sum(strength * (alpha / rank) * B @ A) of the
-    given (LoRA, strength) pairs, added in float32 and rounded once to the weights' dtype. The
-    touched weights are backed up in host memory and put back bit for bit on exit, also when the
-    body raises. A LoRA with strength 0 is skipped (the weights stay bit-identical)."""
+def apply_loras(model: InfDiT, loras: Sequence[tuple[Lora, float]], backup: bool = True) -> Callable[[], None]:
+    """Add sum(strength * (alpha / rank) * B @ A) of the (LoRA, strength) pairs into the weights of
+    `model` in place (summed in float32, rounded once to the weights' dtype) and return the function
+    that puts the original weights back bit for bit, from copies kept in host memory. backup=False
+    keeps no copies (a model loaded for one job, as on the command line); its restore does nothing.
+    A LoRA with strength 0 is skipped, so the weights stay bit-identical."""
     active = [(lora, float(strength)) for lora, strength in loras if strength != 0]
     for lora, _ in active:
         check_lora(model, lora)
@@ -266,20 +267,44 @@ def merged(model: InfDiT, loras: Sequence[tuple[Lora, float]]):
         raise LoraError("this model has LoRA adapters attached for training; detach_lora(model, merge=...) first")
     targets = list(dict.fromkeys(t for lora, _ in active for t in lora.targets))
     backups: dict[str, torch.Tensor] = {}
+    # The resume checkpoints' weights identity (resume.py), cached on the model, describes the base
+    # weights: dropped while the LoRAs are in, so a LoRA run never continues a base run's job.
+    identity = model.__dict__.pop(IDENTITY_ATTR, None) if targets else None
+
+    def restore():
+        with torch.no_grad():
+            for target, saved in backups.items():
+                model.get_submodule(target).weight.copy_(saved)
+        backups.clear()
+        model.__dict__.pop(IDENTITY_ATTR, None)
+        if identity is not None:
+            setattr(model, IDENTITY_ATTR, identity)
+
     try:
         with torch.no_grad():
             for target in targets:
                 weight = model.get_submodule(target).weight
-                backups[target] = weight.to("cpu", copy=True)
-                total = weight.float()  # a copy unless float32 already: never written before the sum is done
-                total = total.clone() if total.data_ptr() == weight.data_ptr() else total
+                if backup:
+                    backups[target] = weight.to("cpu", copy=True)
+                total = weight.float()
+                if total.data_ptr() == weight.data_ptr():  # float32 weights: sum into a copy, write once
+                    total = total.clone()
                 for lora, strength in active:
                     if target in lora.targets:
                         total.add_(lora.delta(target, weight.device), alpha=strength)
                 weight.copy_(total)
-                del total
+    except BaseException:
+        restore()
+        raise
+    return restore if backup else (lambda: None)
+
+
+@contextmanager
+def merged(model: InfDiT, loras: Sequence[tuple[Lora, float]]):
+    """apply_loras for the duration of the context: on exit, also when the body raises (a
+    cancelled run), the weights are the original ones again, bit for bit."""
+    restore = apply_loras(model, loras)
+    try:
         yield model
     finally:
-        with torch.no_grad():
-            for target, saved in backups.items():
-                model.get_submodule(target).weight.copy_(saved)
+        restore()

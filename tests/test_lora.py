@@ -231,3 +231,52 @@ def test_attach_errors(model):
     attach_lora(model, 2)
     with pytest.raises(LoraError, match="already has LoRA adapters attached"):
         attach_lora(model, 2)
+
+
+def test_cli_lora_argument():
+    from infdit_core.__main__ import lora_argument
+
+    assert lora_argument("style.safetensors") == ("style.safetensors", 1.0)
+    assert lora_argument("style.safetensors:0.5") == ("style.safetensors", 0.5)
+    assert lora_argument("dir/a:b.safetensors:-2") == ("dir/a:b.safetensors", -2.0)
+    assert lora_argument(r"C:\loras\style.safetensors") == (r"C:\loras\style.safetensors", 1.0)
+    with pytest.raises(Exception, match="finite"):
+        lora_argument("style.safetensors:nan")
+
+
+def test_cli_upscale_applies_stacked_loras(golden_dir, golden_sd, model, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from infdit_core import upscale
+    from infdit_core.__main__ import main as cli
+    from infdit_core.imageio import read_image
+
+    first = trained_lora(model, tmp_path / "a.safetensors", seed=1)
+    second = trained_lora(model, tmp_path / "b.safetensors", seed=5, rank=2, alpha=2.0)
+    Image.fromarray((np.random.default_rng(0).random((12, 8, 3)) * 255).astype(np.uint8)).save(tmp_path / "in.png")
+    with pytest.warns(UserWarning, match="no CLIP embedding given"):  # no CLIP: the zero vector
+        cli(["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"), "--model",
+             str(golden_dir / "tiny_model.safetensors"), "--steps", "1", "--dtype", "fp32", "--device", "cpu",
+             "--lora", str(tmp_path / "a.safetensors"), "--lora", f"{tmp_path / 'b.safetensors'}:-0.5"])
+        with merged(model, [(first, 1.0), (second, -0.5)]):
+            want = upscale(model, read_image(str(tmp_path / "in.png")), steps=1, seed=0)
+        base = upscale(model, read_image(str(tmp_path / "in.png")), steps=1, seed=0)
+    got = read_image(str(tmp_path / "out.png"))
+    assert got.shape == (1, 3, 48, 32)
+    assert (got - want).abs().max() <= 1 / 255 + 1e-6  # one 8-bit step: float rounding before quantising
+    assert (got - base).abs().max() > 4 / 255
+
+
+def test_a_lora_run_never_resumes_a_base_run(model, case, tmp_path):
+    from infdit_core.resume import job_key
+
+    lora = trained_lora(model, tmp_path / "a.safetensors", seed=1)
+    inputs = dict(lr=case["lr"], concat_lr=case["concat_lr"], clip_vector=case["clip_vector"], steps=2, seed=0,
+                  noise=None, lr_noise_init=True)
+    base = job_key(model, **inputs)
+    with merged(model, [(lora, 1.0)]):
+        with_lora = job_key(model, **inputs)
+    assert with_lora != base and job_key(model, **inputs) == base
+    with merged(model, [(lora, 0.0)]):
+        assert job_key(model, **inputs) == base
