@@ -149,11 +149,14 @@ def detach_lora(model: nn.Module, merge: bool) -> None:
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=merge)
 
 
-def save_lora(path: str, tensors: dict[str, torch.Tensor], *, rank: int, alpha: float,
+def save_lora(path: str, tensors: dict[str, torch.Tensor], *, rank: int, alpha: Optional[float],
               config: InfDiTConfig) -> dict[str, str]:
     """Write `tensors` (as lora_state_dict gives them) to a .safetensors LoRA file, atomically (a
-    reader never sees a half-written file). Returns the metadata written."""
+    reader never sees a half-written file). alpha None: the rank (attach_lora's default). Returns
+    the metadata written."""
     from safetensors.torch import save_file
+
+    alpha = rank if alpha is None else alpha
 
     targets = sorted({name.rsplit(".", 1)[0] for name in tensors})
     expected = {f"{t}.{x}" for t in targets for x in (A, B)}

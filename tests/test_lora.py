@@ -280,3 +280,9 @@ def test_a_lora_run_never_resumes_a_base_run(model, case, tmp_path):
     assert with_lora != base and job_key(model, **inputs) == base
     with merged(model, [(lora, 0.0)]):
         assert job_key(model, **inputs) == base
+
+
+def test_alpha_none_is_the_rank(model, tmp_path):
+    attach_lora(model, 3)
+    save_lora(str(tmp_path / "a.safetensors"), lora_state_dict(model), rank=3, alpha=None, config=model.config)
+    assert (load_lora(str(tmp_path / "a.safetensors")).alpha, load_lora(str(tmp_path / "a.safetensors")).scale) == (3.0, 1.0)
