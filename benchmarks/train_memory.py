@@ -51,7 +51,7 @@ def main():
     print(low.table())
     print("Activations all fp32 (upper bound):")
     print(high.table())
-    print(f"  {'+ CLIP ViT-L/14 image tower (fp32) on the device':<58} {clip / GiB:8.2f} GiB")
+    print(f"  {'+ CLIP ViT-L/14 image tower (fp32) on the device':<66} {clip / GiB:8.2f} GiB")
     worst = high.total + clip
     print(f"\n  = {(low.total + clip) / GiB:.2f} to {worst / GiB:.2f} GiB ({worst / 1e9:.2f} GB at most) of a "
           f"{TARGET / 1e9:.0f} GB card: " + ("fits" if worst < TARGET else "does NOT fit") + "\n")

@@ -64,13 +64,15 @@ class TrainingPlan:
     #                         checkpointing, every layer's)
     kv_slots: int  # of layer_activations: the 4-slot keys and values of one layer
     io: int  # block inputs, outputs and loss terms
+    step_scratch: int  # AdamW's temporary (foreach) copy of one moment in the optimiser step, after the backward
     blocks: int  # network batch: blocks per step
     peak_layer: int  # the layer whose backward is the peak
 
     @property
     def total(self) -> int:
-        return (self.weights + self.trainable + self.gradients + self.optimizer + self.ema + self.stored_inputs
-                + self.layer_activations + self.io)
+        # The activations are freed by the end of the backward; the optimiser step's scratch comes after.
+        return (self.weights + self.trainable + self.gradients + self.optimizer + self.ema
+                + max(self.activations, self.step_scratch))
 
     @property
     def activations(self) -> int:
@@ -85,8 +87,10 @@ class TrainingPlan:
                 (f"stored layer inputs (peak at layer {self.peak_layer})", self.stored_inputs),
                 (f"one layer recomputed + its gradients (4-slot K/V {self.kv_slots / gb:.2f} GiB)"
                  if self.stored_inputs else "all layers' activations + backward", self.layer_activations),
-                ("block inputs, outputs, loss", self.io), ("total", self.total)]
-        return "\n".join(f"  {name:<58} {value / gb:8.2f} GiB" for name, value in rows)
+                ("block inputs, outputs, loss", self.io),
+                ("optimiser step scratch (after the backward; the larger counts)", self.step_scratch),
+                ("total", self.total)]
+        return "\n".join(f"  {name:<66} {value / gb:8.2f} GiB" for name, value in rows)
 
 
 def lora_parameter_count(config: InfDiTConfig, rank: int, targets=None) -> int:
@@ -144,4 +148,4 @@ def plan_training(config: InfDiTConfig, crop: int, batch: int = 1, dtype: torch.
     return TrainingPlan(
         weights=weights, trainable=trainable, gradients=trained * 4, optimizer=ADAM_STATES * trained * 4,
         ema=trained * 4 if ema else 0, stored_inputs=int(stored), layer_activations=int(layer),
-        kv_slots=KV_SLOTS * hidden, io=int(io), blocks=blocks, peak_layer=peak_layer)
+        kv_slots=KV_SLOTS * hidden, io=int(io), step_scratch=trained * 4, blocks=blocks, peak_layer=peak_layer)
