@@ -41,7 +41,7 @@ class LoraError(CheckpointError):
     """A LoRA file, or a LoRA that does not fit the model it is applied to; the message says why."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: comparing the tensors elementwise means nothing here
 class Lora:
     """A loaded LoRA: tensors `<target>.lora_A` [rank, in] and `<target>.lora_B` [out, rank]."""
     tensors: dict[str, torch.Tensor]
