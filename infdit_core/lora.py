@@ -4,8 +4,9 @@ A LoRA of rank r on a Linear with weight W [out, in] adds (alpha / r) * B @ A to
 and B [out, r]. For training, `attach_lora` registers that sum as a parametrization of the
 Linear's `weight` (torch.nn.utils.parametrize): the network's code is unchanged, every read of a
 target's weight sees W + (alpha / r) * B @ A, and only A and B are trainable. For inference,
-`merged` adds the LoRAs into the weights in place for the duration of a run and puts the exact
-original weights back afterwards, so sampling runs at the base model's speed and memory.
+`apply_loras` (or the context manager `merged`) adds the LoRAs into the weights in place for the
+duration of a run and puts the exact original weights back afterwards, so sampling runs at the
+base model's speed and memory.
 
 A LoRA file is a .safetensors of the A/B tensors, named `<module path>.lora_A` / `.lora_B`, whose
 metadata records the format, rank, alpha, target module paths and the base model's configuration.
