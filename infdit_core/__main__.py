@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ from .download import (CONVERT_DTYPES, DEFAULT_DIR, DEFAULT_MODEL, DownloadError
 from .imageio import read_image, write_image
 from .integrity import forget
 from .launch import start
+from .lora import apply_loras, load_lora
 from .offload import MODES
 from .pipeline import Resume, upscale
 
@@ -76,6 +78,18 @@ def _default_model() -> str:
     return DEFAULT_MODEL
 
 
+def lora_argument(text: str) -> tuple[str, float]:
+    """--lora FILE[:strength]; a colon not followed by a number belongs to the path (C:\\...)."""
+    path, _, strength = text.rpartition(":")
+    try:
+        value = float(strength)
+    except ValueError:
+        return text, 1.0
+    if not path or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"--lora {text}: expected FILE or FILE:STRENGTH with a finite number")
+    return path, value
+
+
 def cmd_upscale(args):
     launch = start(args.device, args.timeout)
     try:
@@ -110,6 +124,7 @@ def _upscale_all(args, launch):
     dtype, device = DTYPES[args.dtype], launch.device
     args.model = resolve_model(args.model) if args.model else _default_model()
     model = load_model(args.model, dtype=dtype, device=device)
+    apply_loras(model, [(load_lora(path), strength) for path, strength in args.lora], backup=False)
     block_batch = "auto" if args.block_batch == "auto" else int(args.block_batch)
     fixed_vector = _load_vector(args.clip_vector) if args.clip_vector else None
     clip = None if fixed_vector is not None else _embedder(args, dtype, device)
@@ -246,6 +261,8 @@ def main(argv=None):
     u.add_argument("--resume", metavar="DIR", help="checkpoint the sampler state in DIR and continue a job found there")
     u.add_argument("--resume-interval", type=float, default=60.0, metavar="SECONDS",
                    help="seconds between checkpoints (0 = after every step)")
+    u.add_argument("--lora", type=lora_argument, action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="apply a LoRA (from `train --lora`) with this strength (default 1); repeat to stack several")
     u.set_defaults(run=cmd_upscale)
 
     t = sub.add_parser("train", help="train from scratch or fine-tune (full or LoRA) on a folder of photos")

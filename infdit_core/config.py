@@ -6,6 +6,7 @@ records them. `InfDiTConfig.from_state_dict` reads them back from the tensor sha
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Mapping
 
@@ -73,14 +74,14 @@ class InfDiTConfig:
                 raise KeyError(key)
             return tuple(sd[key].shape)
 
-        layers = 0
-        while f"transformer.layers.{layers}.attention.query_key_value.weight" in sd:
-            layers += 1
-        if layers == 0:
+        # Layers counted from any of their keys, so a layer that lacks one is reported as missing
+        # that key (not as a shorter model with unexpected keys).
+        indices = [int(m.group(1)) for k in sd if (m := re.match(r"transformer\.layers\.(\d+)\.", k))]
+        if not indices:
             raise KeyError("transformer.layers.0.attention.query_key_value.weight")
-        hidden = shape("transformer.layers.0.attention.query_key_value.weight")[1]
+        layers = max(indices) + 1
+        hidden, in_ch, patch, _ = shape("mixins.patch_embed.proj.weight")
         _, _, heads, _ = shape("mixins.adaln_layer.re_pos_embed")
-        out_hidden, in_ch, patch, _ = shape("mixins.patch_embed.proj.weight")
         out_ch = shape("mixins.final_layer.linear.weight")[0] // (patch * patch)
         block_tokens = math.isqrt(shape("mixins.adaln_layer.lr_query_position_embedding")[1])
         vector_dim = shape("cond_embed.map_vector.0.weight")[1]

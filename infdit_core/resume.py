@@ -42,9 +42,13 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+# Where weights_identity caches its value on a model; whoever changes the weights in place drops it.
+IDENTITY_ATTR = "_infdit_weights_sha256"
+
+
 def weights_identity(model) -> str:
     """SHA-256 of the model's weights (computed once per model object: seconds for the full model)."""
-    cached = getattr(model, "_infdit_weights_sha256", None)
+    cached = getattr(model, IDENTITY_ATTR, None)
     if cached is None:
         digest = hashlib.sha256()
         for name, tensor in sorted(model.state_dict().items()):
@@ -52,7 +56,8 @@ def weights_identity(model) -> str:
                 continue  # generated from the geometry, which the other shapes already fix
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             digest.update(_tensor_bytes(tensor))
-        cached = model._infdit_weights_sha256 = digest.hexdigest()
+        cached = digest.hexdigest()
+        setattr(model, IDENTITY_ATTR, cached)
     return cached
 
 

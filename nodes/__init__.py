@@ -10,9 +10,11 @@ def _register(module):
 
 from . import embed as _embed, loaders as _loaders, plan as _plan, upscale as _upscale  # noqa: E402
 from . import hidiffusion as _hidiffusion  # noqa: E402
+from . import lora as _lora  # noqa: E402
 
 _register(_loaders)
 _register(_embed)
 _register(_upscale)
 _register(_plan)
 _register(_hidiffusion)
+_register(_lora)

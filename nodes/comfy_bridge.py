@@ -21,6 +21,7 @@ log = logging.getLogger("infdit")
 
 INFDIT_FOLDER = "infdit"
 CLIP_FOLDER = "clip_vision"
+LORA_FOLDER = "infdit_lora"
 MODELS_DIR_ENV = "INFDIT_MODELS_DIR"
 # ComfyUI's supported_pt_extensions, for when ComfyUI is absent.
 FALLBACK_EXTENSIONS = frozenset({".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"})
@@ -46,18 +47,18 @@ def in_comfyui() -> bool:
 # Model files
 
 
-def register_model_folder() -> None:
-    """models/infdit with ComfyUI's checkpoint extensions. Paths already registered (from
-    extra_model_paths.yaml, which main.py loads before custom nodes) are kept; without this, a
-    yaml-only entry would have an empty extension set and list every file."""
+def register_model_folder(folder: str = INFDIT_FOLDER) -> None:
+    """models/<folder> (infdit, infdit_lora) with ComfyUI's checkpoint extensions. Paths already
+    registered (from extra_model_paths.yaml, which main.py loads before custom nodes) are kept;
+    without this, a yaml-only entry would have an empty extension set and list every file."""
     folder_paths = _optional_import("folder_paths")
     if folder_paths is None:
         return
-    default = os.path.join(folder_paths.models_dir, INFDIT_FOLDER)
-    paths = list(folder_paths.folder_names_and_paths.get(INFDIT_FOLDER, ([], None))[0])
+    default = os.path.join(folder_paths.models_dir, folder)
+    paths = list(folder_paths.folder_names_and_paths.get(folder, ([], None))[0])
     if default not in paths:
         paths.append(default)
-    folder_paths.folder_names_and_paths[INFDIT_FOLDER] = (paths, folder_paths.supported_pt_extensions)
+    folder_paths.folder_names_and_paths[folder] = (paths, folder_paths.supported_pt_extensions)
 
 
 def folder_dirs(folder: str) -> list[str]:

@@ -27,6 +27,9 @@ class InfDiTModel:
     managed: bridge.ManagedModel
     path: str
     has_embedded_clip: bool
+    # (Lora, strength) pairs the upscaler merges into the weights for its run (nodes/lora.py); the
+    # weights themselves are shared with every other output of the same loader.
+    loras: tuple = ()
 
     @property
     def model(self) -> InfDiT:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..infdit_core import upscale
+from ..infdit_core.lora import apply_loras
 from ..infdit_core.memory import is_out_of_memory, resolve_execution
 from ..infdit_core.offload import MODES
 from ..infdit_core.pipeline import MAX_FACTOR, OutOfMemory, Resume, output_size
@@ -101,6 +102,7 @@ def run_upscale(model: InfDiTModel, image: torch.Tensor, scale: float = 4.0, ste
     # the canvases will live (host memory when they are offloaded) and the advice can say what ran.
     bb, placement, _ = resolve_execution(block_batch if block_batch > 0 else "auto", offload, network.config, *out_hw,
                                          network.dtype, network.device, batch)
+    restore = apply_loras(network, model.loras)
     try:
         out = upscale(network, bridge.image_to_bchw(image).to(placement.canvas), scale=scale,
                       clip_vector=clip_vector, steps=steps, seed=seed, lr_noise_init=lr_noise_init,
@@ -113,6 +115,7 @@ def run_upscale(model: InfDiTModel, image: torch.Tensor, scale: float = 4.0, ste
                 from error
         raise
     finally:
+        restore()
         bridge.soft_empty_cache()
     return bridge.bchw_to_image(out)
 

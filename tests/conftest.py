@@ -161,3 +161,27 @@ def condition(batch, rows, cols, seed=0, block=32):
     inputs = random_inputs(batch, rows, cols, seed, block)
     del inputs["x"]
     return inputs
+
+
+def network_forward(model, x, sigma, *, lr, concat_lr, clip_vector, checkpoint_layers=False):
+    """The network output F of every block of the image, [blocks, 3, b, b], in one call and under
+    autograd (the sampler's denoiser runs without gradients): what a training step differentiates."""
+    import torch
+
+    from infdit_core.denoiser import edm_precondition
+    from infdit_core.offload import Placement
+    from infdit_core.strips import StripSchedule
+    from infdit_core.uniba import BlockCanvas, KVCache
+
+    B, _, H, W = x.shape
+    s = model.config.block_size
+    schedule = StripSchedule(B, H // s, W // s)
+    canvas = BlockCanvas(model.config, lr, concat_lr, schedule, Placement.for_mode("off", model.device))
+    blocks = schedule.order
+    cache = KVCache(blocks, len(blocks), model.config.num_layers)  # one call: neighbours are its own K/V
+    cache.begin_call(blocks)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(B)
+    _, _, c_in, c_noise = edm_precondition(sigma)
+    inputs = canvas.inputs(blocks, x)
+    inputs = inputs._replace(z=inputs.z * c_in[inputs.batch_index, None, None, None])
+    return model.forward_blocks(inputs, model.conditioning(c_noise, clip_vector.float()), cache, checkpoint_layers)

@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -146,3 +147,82 @@ def test_converted_file_loads_with_mis_shaped_report(tmp_path, golden_sd):
     save_file(bad, tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match=r"mixins\.final_layer\.linear\.bias \(7,\)"):
         convert(str(tmp_path / "bad.safetensors"), str(tmp_path / "out.safetensors"))
+
+
+# --- strict both ways: every key the forward reads is required, only the others may be absent ----
+
+
+def keys_read_by_the_forward(golden_dir, golden_sd):
+    """The state-dict keys whose tensors reach the network output, found by differentiating one
+    forward pass of a golden case (not from checkpoint.py's lists, which this checks)."""
+    from conftest import network_forward
+
+    model = load_model(dict(golden_sd)).requires_grad_(True)
+    case = load_file(golden_dir / "denoise_sq_2x2blocks.safetensors")
+    out = network_forward(model, case["in.x_noised"], case["in.sigma"], lr=case["in.lr_image"],
+                          concat_lr=case["in.concat_lr_image"], clip_vector=case["in.clip_vector"])
+    out.square().sum().backward()
+    return {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+@pytest.fixture(scope="module")
+def read_keys(golden_dir, golden_sd):
+    return keys_read_by_the_forward(golden_dir, golden_sd)
+
+
+def test_the_forward_reads_every_family_the_spec_names(read_keys):
+    # The derivation finds the families the loader must require, LayerNorms included: a gradient
+    # that misses one would make the removal test below vacuous for it.
+    families = {re.sub(r"\.\d+\.", ".N.", k).rsplit(".", 1)[0] for k in read_keys}
+    assert families >= {
+        "transformer.layers.N.attention.query_key_value", "transformer.layers.N.attention.dense",
+        "transformer.layers.N.mlp.dense_h_to_4h", "transformer.layers.N.mlp.dense_4h_to_h",
+        "mixins.adaln_layer.adaLN_modulations.N.1", "mixins.adaln_layer.q_layer_norm.N",
+        "mixins.adaln_layer", "mixins.adaln_layer.proj_lr",
+        "mixins.adaln_layer.cross_attention.query", "mixins.adaln_layer.cross_attention.key_value",
+        "mixins.adaln_layer.cross_attention.dense", "mixins.adaln_layer.post_cross_attention_layernorm",
+        "mixins.adaln_layer.cross_q_ln", "mixins.adaln_layer.cross_k_ln", "mixins.final_layer.adaLN_modulation.N",
+        "mixins.final_layer.linear", "mixins.patch_embed.proj", "time_embed.mlp.N", "cond_embed.map_vector.N"}
+    assert {k for k in read_keys if k.startswith("mixins.adaln_layer.") and k.count(".") == 2} == {
+        "mixins.adaln_layer.re_pos_embed", "mixins.adaln_layer.lr_query_position_embedding",
+        "mixins.adaln_layer.lr_key_position_embedding"}
+
+
+def test_every_key_the_forward_reads_is_required(tmp_path, golden_sd, read_keys):
+    unread = set(golden_sd) - read_keys
+    # Only these are never read: SAT's position table, the key LayerNorms the official code leaves
+    # unused (keys are normalised by q_layer_norm) and the RoPE tables (regenerated).
+    assert unread == {"transformer.position_embeddings.weight", "mixins.adaln_layer.rope.freqs_cos",
+                      "mixins.adaln_layer.rope.freqs_sin"} | {
+        f"mixins.adaln_layer.k_layer_norm.{i}.{p}" for i in range(2) for p in ("weight", "bias")}
+    not_refused = []
+    for key in sorted(read_keys):
+        sd = {k: v for k, v in golden_sd.items() if k != key}
+        try:
+            load_model(sd)
+        except CheckpointError as error:
+            if key not in str(error):
+                not_refused.append(f"{key}: refused without naming it ({str(error)[:200]})")
+        else:
+            not_refused.append(f"{key}: loaded without it")
+    assert not not_refused, "\n".join(not_refused)
+    # A whole family at once, from a file: every key of it is named.
+    family = sorted(k for k in read_keys if "layer_norm" in k or "_ln." in k or "layernorm" in k)
+    save_file({k: v for k, v in golden_sd.items() if k not in family}, tmp_path / "no_layernorms.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "no_layernorms.safetensors")
+    assert f"missing keys ({len(family)})" in str(err.value)
+    assert all(k in str(err.value) for k in family[:12])  # the message lists the first 12
+
+
+def test_only_unread_keys_may_be_absent(golden_dir, golden_sd, read_keys):
+    trimmed = {k: v for k, v in golden_sd.items() if k in read_keys}
+    model = load_model(trimmed)
+    case = load_file(golden_dir / "denoise_sq_2x2blocks.safetensors")
+    from infdit_core import denoise
+
+    out = denoise(model, case["in.x_noised"], case["in.sigma"], lr=case["in.lr_image"],
+                  concat_lr=case["in.concat_lr_image"], clip_vector=case["in.clip_vector"])
+    want = denoise(load_model(dict(golden_sd)), case["in.x_noised"], case["in.sigma"], lr=case["in.lr_image"],
+                   concat_lr=case["in.concat_lr_image"], clip_vector=case["in.clip_vector"])
+    assert torch.equal(out, want)
