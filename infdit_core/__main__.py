@@ -1,4 +1,4 @@
-"""Command line: `python -m infdit_core convert ...` and `python -m infdit_core upscale ...`."""
+"""Command line: `python -m infdit_core convert | download | upscale | train ...`."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import OFFICIAL_FILENAME, OFFICIAL_WEIGHTS_URL, CheckpointError, convert, read_state_dict
+from .checkpoint import (OFFICIAL_FILENAME, OFFICIAL_WEIGHTS_URL, CheckpointError, convert, read_state_dict,
+                         resolve_model)
 from .download import (CONVERT_DTYPES, DEFAULT_DIR, DEFAULT_MODEL, DownloadError, TransferMeter, download_official,
                        size_text)
 from .imageio import read_image, write_image
@@ -107,7 +108,7 @@ def _upscale_all(args, launch):
 
     logging.basicConfig(level=logging.INFO if launch.rank == 0 else logging.WARNING, format="%(message)s")
     dtype, device = DTYPES[args.dtype], launch.device
-    args.model = args.model or _default_model()
+    args.model = resolve_model(args.model) if args.model else _default_model()
     model = load_model(args.model, dtype=dtype, device=device)
     block_batch = "auto" if args.block_batch == "auto" else int(args.block_batch)
     fixed_vector = _load_vector(args.clip_vector) if args.clip_vector else None
@@ -174,6 +175,28 @@ def cmd_download(args):
     print(f"ready: {path}\nupscale with: python -m infdit_core upscale photo.png -o out/{model}")
 
 
+def cmd_train(args):
+    from .train import TrainingError, TrainSettings, config_from_args, train
+
+    settings = TrainSettings(
+        data=args.data, output=args.output, steps=args.steps, batch=args.batch, crop=args.crop, scale=args.scale,
+        degrade=args.degrade, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip, ema=args.ema,
+        clip_dropout=args.clip_dropout, seed=args.seed, save_every=args.save_every, lora_rank=args.lora or 0,
+        lora_alpha=args.lora_alpha)
+    try:
+        init = resolve_model(args.init) if args.init else None
+        config = None if init else config_from_args(args.layers, args.width, args.heads, args.block_size)
+        clip = None
+        if args.clip:
+            from .clip import load_clip
+            clip = load_clip(init if args.clip == "embedded" else args.clip, device=args.device)
+        train(settings, config=config, init=init, clip=clip, device=args.device, resume=args.resume)
+    except TrainingError as error:
+        raise SystemExit(f"error: {error}")
+    weights = "lora.safetensors" if settings.lora_rank else "model.safetensors"
+    print(f"wrote {os.path.join(args.output, weights)} (and train_state.safetensors, loss.csv, loss.png beside it)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m infdit_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,7 +222,8 @@ def main(argv=None):
     u = sub.add_parser("upscale", help="upscale images or folders of images")
     u.add_argument("inputs", nargs="+", help="image files and/or folders")
     u.add_argument("-o", "--output", required=True, help="output folder (or a file name for one input)")
-    u.add_argument("--model", help=f"Inf-DiT weights (.safetensors or official .pt); default {DEFAULT_MODEL}, "
+    u.add_argument("--model", help=f"Inf-DiT weights (.safetensors or official .pt), or 'demo' for the small "
+                                   f"demonstration model that ships with the pack; default {DEFAULT_MODEL}, "
                                    "which `python -m infdit_core download` writes")
     u.add_argument("--scale", type=float, default=4.0, help="upscale factor; above 4 runs chained passes")
     u.add_argument("--steps", type=int, default=20)
@@ -223,6 +247,35 @@ def main(argv=None):
     u.add_argument("--resume-interval", type=float, default=60.0, metavar="SECONDS",
                    help="seconds between checkpoints (0 = after every step)")
     u.set_defaults(run=cmd_upscale)
+
+    t = sub.add_parser("train", help="train from scratch or fine-tune (full or LoRA) on a folder of photos")
+    t.add_argument("data", help="folder of high-resolution PNG/JPEG/WebP images (searched recursively)")
+    t.add_argument("-o", "--output", required=True, help="run folder: checkpoints, loss.csv, loss.png")
+    t.add_argument("--init", help="checkpoint to fine-tune (official .pt, .safetensors, or 'demo'); "
+                                  "without it a new model is built from --layers/--width/--heads/--block-size")
+    t.add_argument("--layers", type=int, default=28)
+    t.add_argument("--width", type=int, default=1280)
+    t.add_argument("--heads", type=int, default=16)
+    t.add_argument("--block-size", type=int, default=128, help="UniBA block side in HR pixels")
+    t.add_argument("--steps", type=int, default=10_000, help="optimiser steps in all (a resumed run goes on to it)")
+    t.add_argument("--batch", type=int, default=4)
+    t.add_argument("--crop", type=int, default=0, help="HR crop side, a multiple of the block size (default 4 blocks)")
+    t.add_argument("--scale", type=float, default=4.0, help="LR = HR downscaled by this factor")
+    t.add_argument("--degrade", action="store_true", help="light real-world degradation of the LR: blur, noise, JPEG")
+    t.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    t.add_argument("--warmup", type=int, default=500, help="steps of linear learning-rate warm-up")
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    t.add_argument("--clip", help="CLIP weights for the LR's semantic embedding, or 'embedded' (in --init); "
+                                  "default: the zero vector")
+    t.add_argument("--clip-dropout", type=float, default=0.1, help="share of samples given the zero vector")
+    t.add_argument("--lora", type=int, metavar="RANK", help="train LoRA adapters of this rank on --init, save only them")
+    t.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+    t.add_argument("--resume", action="store_true", help="continue the run in --output exactly where it stopped")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.set_defaults(run=cmd_train)
 
     args = parser.parse_args(argv)
     with warnings.catch_warnings():

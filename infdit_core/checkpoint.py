@@ -10,6 +10,7 @@ tower under `image_encoder.model.visual.` (the RoPE tables are dropped: they are
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import struct
 import warnings
@@ -34,6 +35,16 @@ UNUSED_PREFIXES = ("transformer.position_embeddings.", "mixins.adaln_layer.k_lay
 BOOKKEEPING_MODULES = ("numpy.", "argparse.", "deepspeed.", "sat.", "SwissArmyTransformer.", "_codecs.")
 
 StateDict = Mapping[str, torch.Tensor]
+
+# A small model trained on a few photos, shipped with the pack (infdit_core/demo/README.md): lets a
+# fresh install upscale something without the 2 GB download. Far below the released model.
+DEMO_NAME = "demo"
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "infdit_demo.safetensors")
+
+
+def resolve_model(name: str) -> str:
+    """A model argument as a path: 'demo' is the shipped demo model, anything else a file."""
+    return DEMO_MODEL if name == DEMO_NAME else name
 
 
 class CheckpointError(ValueError):
@@ -162,13 +173,21 @@ def check_keys(model: InfDiT, sd: StateDict) -> None:
                               + "\n  ".join(problems))
 
 
-def infer_config(sd: StateDict, name: str = "checkpoint") -> InfDiTConfig:
+def infer_config(sd: StateDict, name: str = "checkpoint", metadata: Optional[Mapping[str, str]] = None
+                 ) -> InfDiTConfig:
+    """The architecture of `sd` from its shapes. The position modulo (image_size) is in no weight
+    but the RoPE tables, which our files leave out: there it comes from the file's metadata (the
+    config our writers store), else the official value."""
     if not any(k.startswith(("transformer.layers.", "mixins.")) for k in sd):
         raise CheckpointError(f"{name} does not contain Inf-DiT weights (found {len(sd)} tensors such as "
                               f"{_fmt(list(sd), 4)}). Expected official keys like "
                               "transformer.layers.0.attention.query_key_value.weight.")
     try:
-        return InfDiTConfig.from_state_dict(sd)
+        config = InfDiTConfig.from_state_dict(sd)
+        stored = json.loads((metadata or {}).get("config") or "{}")
+        if ROPE_PREFIX + "freqs_cos" not in sd and stored.get("image_size", config.image_size) != config.image_size:
+            config = replace(config, image_size=int(stored["image_size"]))
+        return config
     except KeyError as e:
         raise CheckpointError(f"Checkpoint does not match the Inf-DiT architecture:\n  missing keys (1+): "
                               f"{e.args[0]} (needed to infer the configuration)") from None
@@ -176,17 +195,19 @@ def infer_config(sd: StateDict, name: str = "checkpoint") -> InfDiTConfig:
         raise CheckpointError(f"{name}: inconsistent tensor shapes ({e})") from None
 
 
-def check_state_dict(sd: StateDict, name: str = "checkpoint") -> InfDiTConfig:
+def check_state_dict(sd: StateDict, name: str = "checkpoint", metadata: Optional[Mapping[str, str]] = None
+                     ) -> InfDiTConfig:
     """The configuration of `sd`, after checking its keys and shapes against a model built on the
     meta device (no memory allocated)."""
-    config = infer_config(sd, name)
+    config = infer_config(sd, name, metadata)
     with torch.device("meta"):
         check_keys(InfDiT(config), sd)
     return config
 
 
-def build_model(sd: StateDict, *, dtype=torch.float32, device="cpu", name="checkpoint") -> InfDiT:
-    config = infer_config(sd, name)
+def build_model(sd: StateDict, *, dtype=torch.float32, device="cpu", name="checkpoint",
+                metadata: Optional[Mapping[str, str]] = None) -> InfDiT:
+    config = infer_config(sd, name, metadata)
     with torch.device("meta"):
         model = InfDiT(config)
     check_keys(model, sd)
@@ -208,8 +229,8 @@ def load_model(source: Union[str, os.PathLike, StateDict], *, dtype=torch.float3
     if isinstance(source, Mapping):
         return build_model(unwrap_state_dict(source), dtype=dtype, device=device)
     path = os.fspath(source)
-    sd, _ = read_state_dict(path)
-    return build_model(sd, dtype=dtype, device=device, name=path)
+    sd, metadata = read_state_dict(path)
+    return build_model(sd, dtype=dtype, device=device, name=path, metadata=metadata)
 
 
 def convert(src: str, dst: str, dtype: torch.dtype | None = None) -> dict[str, str]:
@@ -217,8 +238,8 @@ def convert(src: str, dst: str, dtype: torch.dtype | None = None) -> dict[str, s
     file `dst`, optionally cast to `dtype`. Returns the metadata written."""
     from safetensors.torch import save_file
 
-    sd, _ = read_state_dict(src)
-    config = check_state_dict(sd, src)
+    sd, source_metadata = read_state_dict(src)
+    config = check_state_dict(sd, src, source_metadata)
     keep = {k: v for k, v in sd.items()
             if not k.startswith((CLIP_PREFIX, ROPE_PREFIX)) or k.startswith(CLIP_VISUAL_PREFIX)}
     if dtype is not None:

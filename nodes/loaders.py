@@ -54,9 +54,9 @@ def load_infdit(model_name: str, weight_dtype: str = "auto") -> InfDiTModel:
     device, offload = bridge.compute_device(), bridge.offload_device()
     dtype = WEIGHT_DTYPES[weight_dtype] or bridge.auto_dtype(device)
     try:
-        sd, _ = read_state_dict(path)
+        sd, metadata = read_state_dict(path)
         # Built on the offload device: ComfyUI's memory manager moves it when a run needs it.
-        model = build_model(sd, dtype=dtype, device=offload, name=path)
+        model = build_model(sd, dtype=dtype, device=offload, name=path, metadata=metadata)
     except CheckpointError as error:
         raise CheckpointError(f"{error}\nFile: {model_name} in {os.path.dirname(path)}. Inf-DiT weights are the "
                               f"official checkpoint from {OFFICIAL_WEIGHTS_URL} (or a .safetensors converted "

@@ -1,0 +1,233 @@
+"""Image quality of 4x upscales against ground truth: PSNR and SSIM of a model next to bicubic.
+
+    python benchmarks/quality.py --model demo --photos <folder> [--steps 20] [--crops out.png]
+
+For every photo in <folder> (the held-out photos of benchmarks/demo_data.py: never seen in
+training), the ground truth is the photo cropped to a multiple of 4, the input its bicubic 4x
+downscale (antialiased, as the trainer makes its LR) stored as 8-bit, and each candidate's output is
+quantised to 8 bits as a saved PNG would be. Metrics, with the usual super-resolution conventions:
+- PSNR on RGB and on the luma Y (ITU-R BT.601: Y = 16 + 65.481 R + 128.553 G + 24.966 B, RGB in
+  [0, 1]), peak 255, after removing a border of 4 pixels (the scale) on every side;
+- SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, L 255), on Y and as
+  the mean over R, G, B, same border.
+It prints one table (per photo and the mean), the wall time of each candidate measured in the same
+run, and writes side-by-side crops (ground truth | bicubic | model) as a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from infdit_core.checkpoint import load_model, resolve_model  # noqa: E402
+from infdit_core.pipeline import upscale  # noqa: E402
+
+SCALE = 4
+BORDER = SCALE
+
+
+# --- metrics (standard definitions, written out) ---------------------------------------------------
+
+def to_y(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 luma in [16, 235] of an RGB image [h, w, 3] in [0, 255]."""
+    r, g, b = (rgb[..., c].astype(np.float64) / 255 for c in range(3))
+    return 16 + 65.481 * r + 128.553 * g + 24.966 * b
+
+
+def _shave(a: np.ndarray) -> np.ndarray:
+    return a[BORDER:-BORDER, BORDER:-BORDER]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((_shave(a).astype(np.float64) - _shave(b).astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - size // 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def ssim_channel(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM of two single-channel images [h, w] in [0, 255] (valid windows only)."""
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    w = _gaussian_window()
+    x = torch.from_numpy(_shave(a).astype(np.float64))[None, None]
+    y = torch.from_numpy(_shave(b).astype(np.float64))[None, None]
+    mx, my = F.conv2d(x, w), F.conv2d(y, w)
+    sxx = F.conv2d(x * x, w) - mx ** 2
+    syy = F.conv2d(y * y, w) - my ** 2
+    sxy = F.conv2d(x * y, w) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    return float(s.mean())
+
+
+@dataclass
+class Scores:
+    psnr_rgb: float
+    psnr_y: float
+    ssim_rgb: float
+    ssim_y: float
+
+
+def score(output: np.ndarray, truth: np.ndarray) -> Scores:
+    """Metrics of an 8-bit RGB output [h, w, 3] against the 8-bit ground truth."""
+    return Scores(psnr(output, truth), psnr(to_y(output), to_y(truth)),
+                  float(np.mean([ssim_channel(output[..., c], truth[..., c]) for c in range(3)])),
+                  ssim_channel(to_y(output), to_y(truth)))
+
+
+# --- inputs and candidates -------------------------------------------------------------------------
+
+def _read(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    # Rounded, as a PNG writer stores a [0, 1] image.
+    return (image[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def _resize(image: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(image, size=tuple(size), mode="bicubic", antialias=True, align_corners=False)
+
+
+def test_pair(path: str) -> tuple[np.ndarray, torch.Tensor]:
+    """Ground truth (cropped to a multiple of the scale) and its 8-bit 4x-downscaled input."""
+    truth = _read(path)
+    h, w = (v - v % SCALE for v in truth.shape[:2])
+    truth = truth[:h, :w]
+    lr = _to_uint8(_resize(_to_tensor(truth), (h // SCALE, w // SCALE)))
+    return truth, _to_tensor(lr)
+
+
+def bicubic(lr: torch.Tensor) -> torch.Tensor:
+    return _resize(lr, (lr.shape[-2] * SCALE, lr.shape[-1] * SCALE)).clamp(0, 1)
+
+
+def model_candidate(model, **options) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(lr):
+        return upscale(model, lr, scale=SCALE, clip_vector=torch.zeros(1, model.config.vector_dim), **options)
+    return run
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+def evaluate(photos: list[str], candidates: dict[str, Callable]) -> dict[str, dict]:
+    """{candidate: {"scores": {photo: Scores}, "seconds": wall time over all photos}}."""
+    pairs = {os.path.splitext(os.path.basename(p))[0]: test_pair(p) for p in photos}
+    results = {}
+    for name, run in candidates.items():
+        scores, outputs, start = {}, {}, time.perf_counter()
+        for photo, (truth, lr) in pairs.items():
+            with torch.no_grad():
+                outputs[photo] = _to_uint8(run(lr))
+            scores[photo] = score(outputs[photo], truth)
+        results[name] = {"scores": scores, "seconds": time.perf_counter() - start, "outputs": outputs}
+    results["_truth"] = {photo: truth for photo, (truth, _) in pairs.items()}
+    return results
+
+
+def mean_scores(scores: dict) -> Scores:
+    values = list(scores.values())
+    return Scores(*(float(np.mean([getattr(v, f) for v in values])) for f in Scores.__dataclass_fields__))
+
+
+def print_table(results: dict, baseline: str = "bicubic", stream=sys.stdout) -> None:
+    names = [n for n in results if not n.startswith("_")]
+    photos = list(results[names[0]]["scores"])
+    stream.write(f"{'candidate':<28} {'photo':<10} {'PSNR RGB':>9} {'PSNR Y':>8} {'SSIM RGB':>9} {'SSIM Y':>7}"
+                 f" {'dPSNR-Y':>8} {'time s':>8}\n")
+    for name in names:
+        rows = [(p, results[name]["scores"][p]) for p in photos] + [("mean", mean_scores(results[name]["scores"]))]
+        base = results[baseline]["scores"] if baseline in results else None
+        for photo, s in rows:
+            ref = (mean_scores(base) if photo == "mean" else base[photo]) if base else None
+            delta = f"{s.psnr_y - ref.psnr_y:+8.2f}" if ref else f"{'':>8}"
+            seconds = f"{results[name]['seconds']:8.1f}" if photo == "mean" else f"{'':>8}"
+            stream.write(f"{name:<28} {photo:<10} {s.psnr_rgb:9.2f} {s.psnr_y:8.2f} {s.ssim_rgb:9.4f} {s.ssim_y:7.4f}"
+                         f" {delta} {seconds}\n")
+
+
+def write_crops(results: dict, path: str, candidates: list[str], size: int = 96, zoom: int = 2) -> None:
+    """One row per photo: the same size x size region (the most detailed one of the ground truth)
+    of the ground truth and of each candidate, enlarged `zoom` x without smoothing, labelled."""
+    from PIL import Image, ImageDraw
+
+    label_h, gap = 18, 4
+    truths = results["_truth"]
+    columns = ["ground truth"] + candidates
+    tile = size * zoom
+    sheet = Image.new("RGB", (len(columns) * (tile + gap) - gap, len(truths) * (tile + label_h + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, (photo, truth) in enumerate(truths.items()):
+        y0, x0 = _detailed_region(truth, size)
+        images = [truth] + [results[c]["outputs"][photo] for c in candidates]
+        top = row * (tile + label_h + gap)
+        for col, (label, image) in enumerate(zip(columns, images)):
+            region = Image.fromarray(image[y0:y0 + size, x0:x0 + size]).resize((tile, tile), Image.NEAREST)
+            left = col * (tile + gap)
+            sheet.paste(region, (left, top + label_h))
+            draw.text((left + 2, top + 3), f"{label} ({photo})" if col == 0 else label, fill="black")
+    sheet.save(path)
+
+
+def _detailed_region(image: np.ndarray, size: int) -> tuple[int, int]:
+    """Top-left corner of the size x size window with the most gradient energy (on a coarse grid)."""
+    y = to_y(image)
+    energy = np.abs(np.diff(y, axis=0))[:, :-1] + np.abs(np.diff(y, axis=1))[:-1]
+    best, corner = -1.0, (0, 0)
+    step = max(8, size // 4)
+    for top in range(BORDER, energy.shape[0] - size, step):
+        for left in range(BORDER, energy.shape[1] - size, step):
+            e = float(energy[top:top + size, left:left + size].sum())
+            if e > best:
+                best, corner = e, (top, left)
+    return corner
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo", help="Inf-DiT weights, or 'demo' (the shipped demo model)")
+    parser.add_argument("--photos", required=True, help="folder of held-out photos (benchmarks/demo_data.py heldout/)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[20], help="Heun step counts to measure")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--crops", help="write the side-by-side crops PNG here")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(resolve_model(args.model))
+    photos = sorted(os.path.join(args.photos, f) for f in os.listdir(args.photos)
+                    if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
+    candidates = {"bicubic": bicubic}
+    for steps in args.steps:
+        candidates[f"heun {steps} steps ({2 * steps - 1} calls)"] = model_candidate(model, steps=steps, seed=args.seed)
+    results = evaluate(photos, candidates)
+    print(f"model {args.model}; {len(photos)} photos; 4x; metrics on 8-bit outputs, {BORDER}-px border removed")
+    print_table(results)
+    if args.crops:
+        write_crops(results, args.crops, [n for n in candidates][:2])
+        print(f"wrote {args.crops}")
+
+
+if __name__ == "__main__":
+    main()
