@@ -1,4 +1,4 @@
-"""`InfDiT HiDiffusion`: patches an SD/SDXL MODEL with RAU-Net and MSW-MSA through ComfyUI's
+"""`Inf-DiT HiDiffusion`: patches an SD/SDXL MODEL with RAU-Net and MSW-MSA through ComfyUI's
 ModelPatcher hooks (no weight access, no monkeypatching).
 
 The hook objects below take plain tensors and dicts, so tests can drive them without ComfyUI;
@@ -7,6 +7,7 @@ comfy.* is imported lazily, only where a real model is inspected or attention is
 import logging
 
 from ..infdit_core import hidiffusion as hd
+from .loaders import CATEGORY
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class WindowAttention:
 
     def __call__(self, q, k, v, extra_options):
         if "activations_shape" not in extra_options:
-            raise RuntimeError("InfDiT HiDiffusion: MSW-MSA needs a ComfyUI that reports activations_shape (0.3.40 or newer)")
+            raise RuntimeError("Inf-DiT HiDiffusion: MSW-MSA needs a ComfyUI that reports activations_shape (0.3.40 or newer)")
         height, width = extra_options["activations_shape"][-2:]
         sigma = hd.current_sigma(extra_options["sigmas"])
         position = hd.resolve_step(extra_options.get("sample_sigmas"), sigma)
@@ -136,7 +137,7 @@ def _layout_of(diffusion_model):
     outputs = getattr(diffusion_model, "output_blocks", None)
     arch = {9: hd.SDXL, 12: hd.SD}.get(len(inputs) if inputs is not None else None)
     if arch is None or len(outputs) != len(inputs):
-        raise ValueError("InfDiT HiDiffusion supports SD 1.x/2.x and SDXL U-Nets only")
+        raise ValueError("Inf-DiT HiDiffusion supports SD 1.x/2.x and SDXL U-Nets only")
     layout = LAYOUTS[arch]
 
     def kinds(block):
@@ -154,7 +155,7 @@ def _layout_of(diffusion_model):
         if SpatialTransformer not in kinds(block):
             problems.append(f"{name} block {number} has no SpatialTransformer")
     if problems:
-        raise ValueError(f"InfDiT HiDiffusion: unexpected {arch.upper()} layout ({'; '.join(problems)})")
+        raise ValueError(f"Inf-DiT HiDiffusion: unexpected {arch.upper()} layout ({'; '.join(problems)})")
     return layout
 
 
@@ -199,7 +200,7 @@ def _warn_on_deep_shrink(model_options):
     patches = model_options["transformer_options"].get("patches", {})
     for name in ("input_block_patch", "input_block_patch_after_skip", "output_block_patch"):
         if any("model_downscale" in getattr(p, "__module__", "") for p in patches.get(name, [])):
-            log.warning("InfDiT HiDiffusion: Kohya Deep Shrink resizes the same blocks; use one or the other")
+            log.warning("Inf-DiT HiDiffusion: Kohya Deep Shrink resizes the same blocks; use one or the other")
             return
 
 
@@ -235,7 +236,7 @@ class InfDiTHiDiffusion:
         "objects (RAU-Net) and with cheaper top-level attention (MSW-MSA). Works at any latent size; "
         "deterministic; returns a patched copy of the model."
     )
-    CATEGORY = "model_patches"
+    CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with HiDiffusion applied (the input model is unchanged).",)
     FUNCTION = "patch"
@@ -273,4 +274,5 @@ class InfDiTHiDiffusion:
 
 
 NODE_CLASS_MAPPINGS = {"InfDiTHiDiffusion": InfDiTHiDiffusion}
-NODE_DISPLAY_NAME_MAPPINGS = {"InfDiTHiDiffusion": "InfDiT HiDiffusion"}
+# The class key stays InfDiTHiDiffusion so saved workflows keep loading.
+NODE_DISPLAY_NAME_MAPPINGS = {"InfDiTHiDiffusion": "Inf-DiT HiDiffusion Model Patch"}

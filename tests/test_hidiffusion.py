@@ -494,8 +494,8 @@ def test_reapplying_replaces_our_hooks_and_keeps_foreign_ones():
 
 def test_node_is_registered_with_tooltips():
     assert PACK.NODE_CLASS_MAPPINGS["InfDiTHiDiffusion"] is node.InfDiTHiDiffusion
-    assert PACK.NODE_DISPLAY_NAME_MAPPINGS["InfDiTHiDiffusion"] == "InfDiT HiDiffusion"
-    assert node.InfDiTHiDiffusion.CATEGORY == "model_patches"
+    assert PACK.NODE_DISPLAY_NAME_MAPPINGS["InfDiTHiDiffusion"] == "Inf-DiT HiDiffusion Model Patch"
+    assert node.InfDiTHiDiffusion.CATEGORY == "image/upscaling/Inf-DiT"
     inputs = node.InfDiTHiDiffusion.INPUT_TYPES()["required"]
     assert list(inputs) == ["model", "raunet", "msw_msa", "preset", "native_latent_size"]
     assert all(spec[1].get("tooltip") for spec in inputs.values())

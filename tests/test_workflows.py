@@ -1,7 +1,6 @@
-"""Every shipped example workflow (UI format 0.4) is a graph ComfyUI can load and our nodes can run.
-
-Core node definitions below are those of ComfyUI v0.3.64 (checked against its /object_info);
-combo option lists are trimmed to a few real entries.
+"""Every shipped example workflow (UI format 0.4) is a graph ComfyUI can load and our nodes can run,
+and it opens with every node readable: no node covers another, widgets are not clipped, and the
+saved view shows the whole graph. Node definitions and LiteGraph's geometry: tests/workflow_graph.py.
 """
 import json
 import shutil
@@ -9,60 +8,24 @@ import shutil
 import pytest
 import torch
 
+import workflow_graph as graph
 from conftest import REPO, load_pack
+from workflow_graph import CONTROL_VALUES, CORE, FRONTEND_ONLY, WIDGET_TYPES
 
 PACK = load_pack()
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
-CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}  # never sent to the server
-SEED = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True})
-SIZE = ("INT", {"default": 512, "min": 16, "max": 16384, "step": 8})
-CORE = {  # type: (ordered inputs, outputs)
-    "CheckpointLoaderSimple": ({"ckpt_name": (["<file>"], {})}, ["MODEL", "CLIP", "VAE"]),
-    "CLIPTextEncode": ({"text": ("STRING", {"multiline": True}), "clip": ("CLIP", {})}, ["CONDITIONING"]),
-    "EmptyLatentImage": ({"width": SIZE, "height": SIZE, "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096})},
-                         ["LATENT"]),
-    "KSampler": ({"model": ("MODEL", {}), "seed": SEED, "steps": ("INT", {"min": 1, "max": 10000}),
-                  "cfg": ("FLOAT", {"min": 0.0, "max": 100.0}),
-                  "sampler_name": (["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde"], {}),
-                  "scheduler": (["normal", "karras", "exponential", "simple", "sgm_uniform"], {}),
-                  "positive": ("CONDITIONING", {}), "negative": ("CONDITIONING", {}), "latent_image": ("LATENT", {}),
-                  "denoise": ("FLOAT", {"min": 0.0, "max": 1.0})}, ["LATENT"]),
-    "VAEDecode": ({"samples": ("LATENT", {}), "vae": ("VAE", {})}, ["IMAGE"]),
-    "VAEEncode": ({"pixels": ("IMAGE", {}), "vae": ("VAE", {})}, ["LATENT"]),
-    "SaveImage": ({"images": ("IMAGE", {}), "filename_prefix": ("STRING", {})}, []),
-    "PreviewImage": ({"images": ("IMAGE", {})}, []),
-    "LoadImage": ({"image": (["<file>"], {"image_upload": True})}, ["IMAGE", "MASK"]),
-}
 # Combos listing files in the user's folders: any file name is valid in a shipped workflow.
 FILE_COMBOS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"),
                ("InfDiTModelLoader", "model_name"), ("InfDiTClipLoader", "clip_name")}
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+VIEW = (1600, 800)  # the canvas of a 1600-px wide browser window, below ComfyUI's menu bar
 
 
 def definition(node_type):
-    """(ordered {name: (type, options)}, output types) as ComfyUI's /object_info has them."""
-    if node_type in PACK.NODE_CLASS_MAPPINGS:
-        cls = PACK.NODE_CLASS_MAPPINGS[node_type]
-        spec = cls.INPUT_TYPES()
-        return {**spec.get("required", {}), **spec.get("optional", {})}, list(cls.RETURN_TYPES)
-    return CORE[node_type]
+    return graph.definition(PACK, node_type)
 
 
 def widget_slots(node_type):
-    """[(input name or None for an extra control value, type, options)] in widgets_values order:
-    the widget inputs of required then optional, a control value after control_after_generate
-    (or an INT named seed/noise_seed), an upload value after an image_upload combo."""
-    inputs, _ = definition(node_type)
-    slots = []
-    for name, (kind, options) in inputs.items():
-        if isinstance(kind, list) or (kind in WIDGET_TYPES and not options.get("forceInput")):
-            slots.append((name, kind, options))
-            if options.get("control_after_generate") or (kind == "INT" and name in ("seed", "noise_seed")):
-                slots.append((None, "CONTROL", {}))
-            if options.get("image_upload"):
-                slots.append((None, "UPLOAD", {}))
-    return slots
+    return graph.widget_slots(PACK, node_type)
 
 
 def check_widget(node_type, name, kind, options, value):
@@ -88,9 +51,15 @@ def workflow(request):
     return json.loads(request.param.read_text()), request.param
 
 
+UPSCALE = "Inf-DiT - Upscale an image 4x"
+CHAIN = "Inf-DiT - 256 to 4096 in two 4x passes"
+SDXL = "Inf-DiT - SDXL 1024 then 4x to 4096"
+HIDIFFUSION = "Inf-DiT - SDXL with HiDiffusion 2048 then 2x to 4096"
+
+
 def test_the_shipped_workflows_are_all_there():
-    names = {p.stem for p in WORKFLOWS}
-    assert {"sdxl_to_4096", "iterative_4x_chain", "upscale_image"} <= names
+    # The template browser titles a pack's templates by their file names.
+    assert {p.stem for p in WORKFLOWS} == {UPSCALE, CHAIN, SDXL, HIDIFFUSION}
     for path in WORKFLOWS:
         assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail"
 
@@ -136,11 +105,26 @@ def test_workflow_nodes_and_widgets_match_definitions(workflow):
 def test_upscale_widgets_are_the_fixed_interface():
     for path in WORKFLOWS:
         for node in json.loads(path.read_text())["nodes"]:
-            if node["type"] == "InfDiTUpscale" and path.stem != "sdxl_hidiffusion_2048_to_4096":
+            if node["type"] == "InfDiTUpscale" and path.stem != HIDIFFUSION:
                 assert node["widgets_values"] == [4.0, 20, 0, "fixed", 0, True, "auto", "auto"], path.name
 
 
 # --- running a workflow's graph on the tiny model ----------------------------------------------
+
+
+def image_scale(image, upscale_method, width, height, crop):
+    """ComfyUI's Upscale Image, shape for shape: 'center' first crops the image to the target's aspect."""
+    assert upscale_method in CORE["ImageScale"][0]["upscale_method"][0] and crop in ("disabled", "center")
+    if crop == "center":
+        h, w = image.shape[1:3]
+        if w * height > h * width:  # too wide: keep the middle columns
+            keep = round(h * width / height)
+            image = image[:, :, (w - keep) // 2:(w - keep) // 2 + keep]
+        else:
+            keep = round(w * height / width)
+            image = image[:, (h - keep) // 2:(h - keep) // 2 + keep]
+    x = torch.nn.functional.interpolate(image.movedim(-1, 1), size=(height, width), mode="bicubic", antialias=True)
+    return x.movedim(1, -1).clamp(0, 1)
 
 
 def execute(wf, images, overrides):
@@ -154,7 +138,8 @@ def execute(wf, images, overrides):
     def run(node_id):
         if node_id not in results:
             node = nodes[node_id]
-            kwargs = {name: value for (name, _, _), value in zip(widget_slots(node["type"]), node["widgets_values"]) if name}
+            kwargs = {name: value for (name, kind, _), value in zip(widget_slots(node["type"]), node["widgets_values"])
+                      if kind not in ("CONTROL", "UPLOAD")}
             kwargs.update({k: v for k, v in overrides.items() if k in kwargs})
             for inp in node["inputs"]:
                 if inp["link"] is not None:
@@ -162,6 +147,8 @@ def execute(wf, images, overrides):
                     kwargs[inp["name"]] = run(src)[slot]
             if node["type"] == "LoadImage":
                 results[node_id] = (images[kwargs["image"]], None)
+            elif node["type"] == "ImageScale":
+                results[node_id] = (image_scale(**kwargs),)
             elif node["type"] in ("SaveImage", "PreviewImage"):
                 results[node_id] = (kwargs["images"],)
             else:
@@ -174,15 +161,36 @@ def execute(wf, images, overrides):
     return results
 
 
+def workflow_file(stem):
+    return json.loads((REPO / "example_workflows" / f"{stem}.json").read_text())
+
+
+def test_the_chain_reaches_the_size_it_promises_whatever_is_loaded():
+    wf = workflow_file(CHAIN)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    feeds = {(link[1], link[3]) for link in wf["links"]}
+    load = next(n for n in wf["nodes"] if n["type"] == "LoadImage")
+    resize = next(n for n in wf["nodes"] if n["type"] == "ImageScale")
+    first, second = (next(n for n in wf["nodes"] if n.get("title") == f"Inf-DiT 4x (pass {k})") for k in (1, 2))
+    assert (load["id"], resize["id"]) in feeds and (resize["id"], first["id"]) in feeds
+    assert (first["id"], second["id"]) in feeds
+    assert [n["id"] for n in wf["nodes"] if (load["id"], n["id"]) in feeds] == [resize["id"]]
+    assert resize["widgets_values"][1:] == [256, 256, "center"]
+    assert 256 * first["widgets_values"][0] * second["widgets_values"][0] == 4096
+    assert "256x256" in nodes[resize["id"]]["title"]
+
+
 def test_iterative_4x_chain_runs(models_root, tmp_path, monkeypatch):
-    wf = json.loads((REPO / "example_workflows" / "iterative_4x_chain.json").read_text())
+    wf = workflow_file(CHAIN)
     loader = next(n for n in wf["nodes"] if n["type"] == "InfDiTModelLoader")
     # The workflow's model file, played by the tiny model with a CLIP image tower inside.
     (tmp_path / "infdit").mkdir()
     shutil.copy(models_root / "infdit" / "tiny_with_clip.safetensors", tmp_path / "infdit" / loader["widgets_values"][0])
     monkeypatch.setenv("INFDIT_MODELS_DIR", str(tmp_path))
-    image = torch.rand(1, 4, 6, 3, generator=torch.Generator().manual_seed(0))
-    results = execute(wf, {"example.png": image}, {"steps": 2})
+    # A loaded image of another size and aspect; the resize (made 6x4 here to keep the run small)
+    # sets what the passes see.
+    image = torch.rand(1, 9, 20, 3, generator=torch.Generator().manual_seed(0))
+    results = execute(wf, {"example.png": image}, {"steps": 2, "width": 6, "height": 4})
 
     by_title = {n.get("title"): n["id"] for n in wf["nodes"]}
     first, second = results[by_title["Inf-DiT 4x (pass 1)"]][0], results[by_title["Inf-DiT 4x (pass 2)"]][0]
@@ -192,3 +200,44 @@ def test_iterative_4x_chain_runs(models_root, tmp_path, monkeypatch):
     # Pass 2 starts from pass 1: its output, brought back down, still resembles pass 1.
     down = torch.nn.functional.interpolate(second.movedim(-1, 1), size=(16, 24), mode="area").movedim(1, -1)
     assert (down - first).abs().mean() < (down - first.flip(1)).abs().mean()
+
+
+# --- how the workflows open in the front end ----------------------------------------------------
+
+
+def overlaps(a, b):
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def test_no_node_covers_another(workflow):
+    wf, path = workflow
+    boxes = [(node, graph.box(PACK, node)) for node in wf["nodes"]]
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1:]:
+            assert not overlaps(box_a, box_b), (
+                f"{path.name}: {graph.display_name(PACK, a)} {box_a} and {graph.display_name(PACK, b)} {box_b} "
+                "overlap (boxes include the 30-px title bar above pos, at the height LiteGraph draws)")
+
+
+def test_nodes_are_saved_at_the_size_they_are_drawn(workflow):
+    wf, path = workflow
+    for node in wf["nodes"]:
+        name, (w, h) = graph.display_name(PACK, node), node["size"]
+        need_w, need_h = graph.min_width(PACK, node), graph.min_height(PACK, node)
+        assert w >= need_w, f"{path.name}: {name} is {w} px wide, its title or a widget needs {need_w}"
+        assert h >= need_h, f"{path.name}: {name} is saved {h} px tall, LiteGraph draws it {need_h}"
+        if "Loader" in node["type"]:
+            assert h <= need_h + 20, f"{path.name}: {name} is saved {h} px tall, it needs {need_h}"
+
+
+def test_the_saved_view_shows_every_node(workflow):
+    wf, path = workflow
+    ds = wf["extra"]["ds"]
+    for node in wf["nodes"]:
+        x0, y0, x1, y1 = graph.box(PACK, node)
+        # LiteGraph's DragAndScale: canvas = (graph + offset) * scale.
+        left, top = (x0 + ds["offset"][0]) * ds["scale"], (y0 + ds["offset"][1]) * ds["scale"]
+        right, bottom = (x1 + ds["offset"][0]) * ds["scale"], (y1 + ds["offset"][1]) * ds["scale"]
+        assert 0 <= left and right <= VIEW[0] and 0 <= top and bottom <= VIEW[1], (
+            f"{path.name}: {graph.display_name(PACK, node)} is out of the saved view ({left:.0f}, {top:.0f}, "
+            f"{right:.0f}, {bottom:.0f} on a {VIEW[0]}x{VIEW[1]} canvas)")

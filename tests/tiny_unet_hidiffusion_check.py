@@ -1,4 +1,4 @@
-"""Model-level checks of the InfDiT HiDiffusion node inside a real ComfyUI (spec §8.2 / §8.3).
+"""Model-level checks of the Inf-DiT HiDiffusion node inside a real ComfyUI (spec §8.2 / §8.3).
 
 Not collected by pytest (CI has no ComfyUI) and never shipped. It builds tiny, randomly initialised
 SDXL- and SD1.5-shaped U-Nets with ComfyUI's own classes (real detection refuses such small state
@@ -15,7 +15,7 @@ Add `--timing 128` to time one U-Net forward plain vs patched instead (used for 
 
 Server end-to-end run: link this file into ComfyUI as a single-file node pack (it then provides
 the test-only nodes TinySDXL and RandomSDXLConditioning), link the pack itself, start the server
-on loopback, and post a TinySDXL -> InfDiT HiDiffusion -> KSampler -> SaveLatent prompt:
+on loopback, and post a TinySDXL -> Inf-DiT HiDiffusion -> KSampler -> SaveLatent prompt:
 
     ln -s <pack>/tests/tiny_unet_hidiffusion_check.py <ComfyUI>/custom_nodes/tiny_sdxl_test_nodes.py
     ln -s <pack> <ComfyUI>/custom_nodes/infdit
@@ -334,7 +334,7 @@ def run_timing(node, latent=128, repeats=3):
 
 
 def run_server_check(url):
-    """Post TinySDXL -> InfDiT HiDiffusion -> KSampler -> SaveLatent and wait for the history."""
+    """Post TinySDXL -> Inf-DiT HiDiffusion -> KSampler -> SaveLatent and wait for the history."""
     prompt = {
         "1": {"class_type": "TinySDXL", "inputs": {"seed": 0}},
         "2": {"class_type": "InfDiTHiDiffusion", "inputs": {"model": ["1", 0], "raunet": True, "msw_msa": True,
