@@ -8,14 +8,17 @@ import torch
 
 from ..infdit_core import CheckpointError, ClipEmbedder, InfDiT, load_clip
 from ..infdit_core.clip import has_image_tower, no_image_tower_message
-from ..infdit_core.checkpoint import (CLIP_VISUAL_PREFIX, OFFICIAL_WEIGHTS_URL, build_model,
+from ..infdit_core.checkpoint import (CLIP_VISUAL_PREFIX, DEMO_MODEL, OFFICIAL_WEIGHTS_URL, build_model,
                                       missing_weights_message, read_state_dict)
 from . import comfy_bridge as bridge
-from .weights_download import DOWNLOAD_ENTRY, download_weights, model_choices
+from .weights_download import DOWNLOAD_ENTRY, download_weights, model_choices as _weights_choices
 
 CATEGORY = "image/upscaling/Inf-DiT"
 FOLDER_HINT = "ComfyUI/models/infdit"
 EMBEDDED_CLIP = "embedded in the Inf-DiT checkpoint"
+# The small demonstration model inside the pack (infdit_core/demo/README.md): always listed, so a
+# fresh install can upscale without any download. Far below the released model.
+DEMO_ENTRY = "demo: small model shipped with the pack (not the released weights)"
 WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 bridge.register_model_folder()
@@ -27,6 +30,9 @@ class InfDiTModel:
     managed: bridge.ManagedModel
     path: str
     has_embedded_clip: bool
+    # Trained with the zero vector for its semantic input (the demo model): the upscaler then needs
+    # no CLIP.
+    needs_clip: bool = True
     # (Lora, strength) pairs the upscaler merges into the weights for its run (nodes/lora.py); the
     # weights themselves are shared with every other output of the same loader.
     loras: tuple = ()
@@ -47,8 +53,20 @@ def _searched(folder: str) -> str:
     return ", ".join(bridge.folder_dirs(folder)) or "(no folder registered)"
 
 
+def model_choices() -> list[str]:
+    return _weights_choices() + [DEMO_ENTRY]
+
+
+def _model_path(model_name: str):
+    if model_name == DOWNLOAD_ENTRY:
+        return download_weights()
+    if model_name == DEMO_ENTRY:
+        return DEMO_MODEL
+    return bridge.find_file(bridge.INFDIT_FOLDER, model_name)
+
+
 def load_infdit(model_name: str, weight_dtype: str = "auto") -> InfDiTModel:
-    path = download_weights() if model_name == DOWNLOAD_ENTRY else bridge.find_file(bridge.INFDIT_FOLDER, model_name)
+    path = _model_path(model_name)
     if path is None:
         raise FileNotFoundError(missing_weights_message(
             model_name, f"{FOLDER_HINT} (searched: {_searched(bridge.INFDIT_FOLDER)})"))
@@ -65,7 +83,8 @@ def load_infdit(model_name: str, weight_dtype: str = "auto") -> InfDiTModel:
                               f"official checkpoint from {OFFICIAL_WEIGHTS_URL} (or a .safetensors converted "
                               "from it); put them in " + FOLDER_HINT + ".") from None
     has_clip = any(k.startswith(CLIP_VISUAL_PREFIX) for k in sd)
-    return InfDiTModel(bridge.ManagedModel(model, device, offload), path, has_clip)
+    return InfDiTModel(bridge.ManagedModel(model, device, offload), path, has_clip,
+                       needs_clip=metadata.get("clip") != "none")
 
 
 def load_infdit_clip(clip_name: str, infdit_model: InfDiTModel | None = None) -> InfDiTClip:
@@ -122,7 +141,7 @@ class InfDiTModelLoader:
     def VALIDATE_INPUTS(cls, model_name):
         # Replaces ComfyUI's list check for model_name: the download entry, once used, is no longer
         # listed but must stay valid for the workflows that picked it.
-        if model_name == DOWNLOAD_ENTRY or model_name in bridge.list_files(bridge.INFDIT_FOLDER):
+        if model_name in (DOWNLOAD_ENTRY, DEMO_ENTRY) or model_name in bridge.list_files(bridge.INFDIT_FOLDER):
             return True
         return f"'{model_name}' is not in {FOLDER_HINT} (searched: {_searched(bridge.INFDIT_FOLDER)})"
 

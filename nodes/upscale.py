@@ -35,7 +35,10 @@ def _check_scale(scale) -> str | None:
     return None
 
 
-def _embedding_for(image, embed, clip) -> torch.Tensor:
+def _embedding_for(image, embed, clip, model: InfDiTModel) -> torch.Tensor:
+    if embed is None and clip is None and not model.needs_clip:
+        # A model trained without CLIP (the demo model) was trained on exactly this vector.
+        return torch.zeros(image.shape[0], model.model.config.vector_dim)
     if embed is None:
         if clip is None:
             raise ValueError("Inf-DiT UniBA Upscale needs the image's semantics: connect 'embed' (from Inf-DiT CLIP "
@@ -94,7 +97,7 @@ def run_upscale(model: InfDiTModel, image: torch.Tensor, scale: float = 4.0, ste
     problem = _check_scale(scale)
     if problem:
         raise ValueError(problem)
-    clip_vector = _embedding_for(image, embed, clip)
+    clip_vector = _embedding_for(image, embed, clip, model)
     out_hw = output_size(image.shape[1], image.shape[2], scale)
     batch = image.shape[0]
     network = model.managed.load(_memory_request(model, out_hw, batch, block_batch, offload))

@@ -33,6 +33,7 @@ PACK = load_pack()
 NODES = PACK.NODE_CLASS_MAPPINGS
 bridge = sys.modules[PACK.__name__ + ".nodes.comfy_bridge"]
 node_download = sys.modules[PACK.__name__ + ".nodes.weights_download"]
+node_loaders = sys.modules[PACK.__name__ + ".nodes.loaders"]
 pack_download = sys.modules[PACK.__name__ + ".infdit_core.download"]  # the pack's own copy of the engine
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
@@ -333,7 +334,9 @@ def test_node_download_entry_cancel_resume_and_load(server, official_bytes, tmp_
     entry = node_download.DOWNLOAD_ENTRY
 
     def choices():
-        return loader.INPUT_TYPES()["required"]["model_name"][0]
+        listed = loader.INPUT_TYPES()["required"]["model_name"][0]
+        assert listed[-1] == node_loaders.DEMO_ENTRY  # the shipped demo model is always offered, last
+        return listed[:-1]
 
     monkeypatch.setenv("INFDIT_MODELS_DIR", str(tmp_path / "models"))
     monkeypatch.setattr(node_download, "OFFICIAL_WEIGHTS_URL", url(server))

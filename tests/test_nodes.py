@@ -91,7 +91,8 @@ def test_fixed_interfaces(models_dir):
     assert up["seed"][1]["control_after_generate"] is True and up["seed"][1]["max"] == 0xFFFFFFFFFFFFFFFF
     assert [up[k][1]["default"] for k in ("scale", "steps", "seed", "block_batch", "lr_noise_init")] == [4.0, 20, 0, 0, True]
     loader = NODES["InfDiTModelLoader"].INPUT_TYPES()["required"]
-    assert loader["model_name"][0] == ["tiny_model.safetensors", "tiny_with_clip.safetensors"]
+    assert loader["model_name"][0] == ["tiny_model.safetensors", "tiny_with_clip.safetensors",
+                                       "demo: small model shipped with the pack (not the released weights)"]
     assert loader["weight_dtype"][0] == ["auto", "bf16", "fp16", "fp32"]
     clip_names = NODES["InfDiTClipLoader"].INPUT_TYPES()["required"]["clip_name"][0]
     # tiny_model.safetensors holds no CLIP image tower: not offered.

@@ -187,3 +187,33 @@ def test_find_images_is_recursive_and_sorted(tmp_path):
     (tmp_path / "a" / "skip.txt").write_text("x")
     assert [os.path.relpath(p, tmp_path) for p in find_images(str(tmp_path))] == \
         [os.path.join("a", "deeper", "photo0.png"), os.path.join("b", "photo0.png")]
+
+
+def test_lora_training_saves_only_the_adapters_and_they_apply(photos, tmp_path, golden_dir):
+    from infdit_core.lora import load_lora, merged
+
+    init = str(golden_dir / "tiny_model.safetensors")
+    out = tmp_path / "lora"
+    model = train(_settings(photos, out, steps=3, lora_rank=2), init=init, progress=False)
+    assert not (out / "model.safetensors").exists()
+    lora = load_lora(str(out / "lora.safetensors"))
+    assert lora.rank == 2 and lora.alpha == 2
+    saved = set(load_file(out / "lora.safetensors"))
+    assert saved == {f"{t}.lora_{ab}" for t in lora.targets for ab in "AB"} and len(saved) == 2 * (4 * 2 + 3)
+    # The frozen base is the checkpoint, unchanged; the adapters (EMA) move the output once merged.
+    base = load_model(init)
+    g = torch.Generator().manual_seed(4)
+    hr = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    concat, lr = make_pair(hr, 4.0, g)
+    args = (hr, torch.tensor([0.5]), concat, lr, torch.zeros(1, 768))
+    with torch.no_grad():
+        before = denoise_crops(base, *args)
+        with merged(base, [(lora, 1.0)]):
+            after = denoise_crops(base, *args)
+        assert torch.equal(denoise_crops(base, *args), before)
+    assert not torch.equal(before, after)
+
+
+def test_lora_needs_a_checkpoint_to_start_from(photos, tmp_path):
+    with pytest.raises(TrainingError, match="--lora trains adapters on a loaded checkpoint"):
+        train(_settings(photos, tmp_path / "x", lora_rank=2), config=TINY, progress=False)
