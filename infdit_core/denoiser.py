@@ -150,6 +150,7 @@ class BlockSweepDenoiser:
             done += len(blocks)
             if self.on_blocks is not None:
                 self.on_blocks(done, self.num_blocks, out)
+        cache.close()
         self._estimate = out
         return out
 

@@ -188,6 +188,11 @@ class KVCache:
         self.index = None  # built by the call's first gather, which knows the head count
         self.sending = [(m, block) for m, block in enumerate(blocks) if block in self.outgoing]
 
+    def close(self):
+        """Free the pool once the sweep is done (the bookkeeping stays for inspection)."""
+        self.pool = None
+        self.index = None
+
     def put(self, block: Block, layers: list[Callable[[], torch.Tensor]]):
         """K/V of a block computed elsewhere: per layer, a function that returns them as one
         [2, heads, tokens, head_dim] tensor, waiting for them if they are still in transit. It is

@@ -63,6 +63,7 @@ def test_cache_holds_at_most_one_row_plus_block_batch(model, rows, cols, block_b
     # Wide images sweep column-major, so the cache holds one column instead of one row.
     assert cache.peak_blocks <= min(rows, cols) + block_batch
     assert not cache.held, "every cached block must be freed by the end"
+    assert cache.pool is None  # the pool goes with the sweep
     # The pool has a slot for each block the sweep ever holds at once, and no more.
     assert cache.capacity == cache.peak_blocks
     if rows * cols > 2 * block_batch:
