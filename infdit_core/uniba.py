@@ -88,8 +88,9 @@ class _Ledger:
         sources = [-1 - position[s] if s in position else self.slot[s] for s in wanted]
         if None in sources:
             raise RuntimeError("a spilled K/V block was not fetched before the call reading it")
-        for source in [s for s in self.slot if cache.last_reader[s] <= call]:
-            self.free.append(self.slot.pop(source))
+        for source in cache.last_read_by.get(call, ()):
+            if source in self.slot:  # (the call's own blocks never are)
+                self.free.append(self.slot.pop(source))
         new = {}  # the call's blocks a later call reads -> m
         for m, block in enumerate(blocks):
             if cache.last_reader[block] > call:
@@ -119,7 +120,7 @@ class _Ledger:
         for block, m in new.items():
             self.slot[block] = self._take()
             writes.append((m, self.slot[block]))
-        on_device = sum(1 for slot in self.slot.values() if slot is not None)
+        on_device = self.capacity - len(self.free)  # every slot is free or holds a cached block
         return _CallPlan(sources, arrivals, spills, fetches, writes, spilled_now, held, on_device)
 
 
@@ -152,6 +153,9 @@ class KVCache:
                 if not calls or calls[-1] != call:
                     calls.append(call)
         self.last_reader = {source: calls[-1] for source, calls in self.reads.items()}
+        self.last_read_by: dict[int, list[Block]] = {}  # call -> the blocks it reads for the last time
+        for source, call in self.last_reader.items():
+            self.last_read_by.setdefault(call, []).append(source)
         self.num_layers = num_layers
         self.placement = placement if placement is not None and placement.spills_kv else None
         self.host = HostSlots(placement) if self.placement is not None else None
