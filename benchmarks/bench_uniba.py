@@ -1,6 +1,8 @@
-"""Block sweep vs whole image: time and peak memory of one denoiser call, and the planner's error.
+"""Block sweep vs whole image: time and peak memory of one denoiser call, and the planner's error;
+then the sweep's share of this machine's matmul rate at the released width.
 
     python benchmarks/bench_uniba.py [--sizes 256x256,512x512,...] [--device cpu|cuda]
+                                     [--share-size 256x256] [--share-layers 3]
 
 A small random model with the official geometry (patch 4, 128-px blocks, head dim 80) and a few
 layers. Everything is measured in this one run and printed as ratios to the whole-image call:
@@ -10,10 +12,17 @@ layers. Everything is measured in this one run and printed as ratios to the whol
   `plan(...).working` for the same block batch.
 On CPU, memory is the process's peak RSS (reset through /proc/self/clear_refs); the script re-runs
 itself with a fixed malloc mmap threshold so freed tensors really leave the RSS.
+
+The share: the released width (1280, 16 heads of 80) cut to `--share-layers` layers, random weights,
+one warm denoiser call at block batch 1 and at auto. Its FLOPs are counted op by op (matmuls,
+convolutions and attention, torch.utils.flop_counter) and divided by its time; the reference is a
+plain torch.mm of each of a layer's four linear shapes (QKV, attention output, MLP in and out) with
+the call's rows, timed in the same run. An empty --sizes or --share-size skips that part.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -24,6 +33,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from infdit_core import BlockSweepDenoiser, InfDiT, InfDiTConfig, plan, sample  # noqa: E402
 from infdit_core.memory import resolve_execution  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
 
 CONFIG = InfDiTConfig(num_layers=4, hidden_size=160, num_heads=2, patch_size=4, block_size=128, image_size=512)
 DEFAULT_SIZES = "256x256,512x512,1024x512,2048x512,1024x1024,512x2048"
@@ -82,21 +92,75 @@ def sampler_peak(model, H, W, block_batch, meter, device):
     return meter.peak()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="HxW list, comma separated")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def mm_rate(rows: int, width: int, device, dtype, repeats: int = 3) -> float:
+    """FLOP/s of a plain torch.mm over a layer's four linear shapes with `rows` rows (best of
+    `repeats` for each shape)."""
+    total_flops = total_time = 0.0
+    for inner, outer in [(width, 3 * width), (width, width), (width, 4 * width), (4 * width, width)]:
+        a = torch.randn(rows, inner, device=device, dtype=dtype)
+        b = torch.randn(inner, outer, device=device, dtype=dtype)
+        torch.mm(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            torch.mm(a, b)
+            synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        total_flops += 2 * rows * inner * outer
+        total_time += best
+    return total_flops / total_time
+
+
+# torch.utils.flop_counter knows the CUDA attention kernels; the CPU one is counted the same way.
+ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                   lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+
+
+def sweep_share(H, W, layers, device, dtype):
+    """Print the sweep's FLOP rate as a share of mm_rate, at block batch 1 and auto."""
+    config = dataclasses.replace(InfDiTConfig(), num_layers=layers)
+    torch.manual_seed(0)
+    model = InfDiT(config).to(device, dtype).eval()
+    inp = inputs(1, H, W, device)
+    x = inp["concat_lr"] + torch.randn_like(inp["concat_lr"])
+    blocks = (H // config.block_size) * (W // config.block_size)
+    auto = resolve_execution("auto", "off", config, H, W, dtype, device)[0]
+    print(f"\nshare of the matmul rate: released width {config.hidden_size} ({config.num_heads} heads of "
+          f"{config.head_dim}), {layers} layers, {H}x{W} ({blocks} blocks), {device}, "
+          f"{torch.get_num_threads()} threads")
+    header = f"{'mode':>12} {'GFLOP':>8} {'time s':>7} {'GFLOP/s':>8} {'mm GFLOP/s':>10} {'share':>6}"
+    print(header)
+    print("-" * len(header))
+    for name, bb in [("sweep bb=1", 1), (f"auto ={auto}", auto)]:
+        denoiser = BlockSweepDenoiser(model, block_batch=bb, **inp)
+        with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
+            denoiser(x, 2.0)  # also the warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        denoiser(x, 2.0)
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        flops = counter.get_total_flops()
+        reference = mm_rate(min(bb, blocks) * config.block_tokens ** 2, config.hidden_size, device, dtype)
+        print(f"{name:>12} {flops / 1e9:8.1f} {elapsed:7.2f} {flops / elapsed / 1e9:8.1f} "
+              f"{reference / 1e9:10.1f} {flops / elapsed / reference:6.0%}")
+
+
+def table(sizes, device, dtype, dtype_name):
+    """The sweep vs whole-image table (time, memory, planner) of the small model."""
     torch.manual_seed(0)
     model = InfDiT(CONFIG).to(device, dtype).eval()
     meter = PeakMemory(device)
     denoiser_call(model, inputs(1, 256, 256, device), 4, meter)  # warm-up
 
     print(f"model: {CONFIG.num_layers} layers, width {CONFIG.hidden_size}, head dim {CONFIG.head_dim}, "
-          f"{CONFIG.block_size}-px blocks; device {device}, {args.dtype}, {torch.get_num_threads()} threads")
+          f"{CONFIG.block_size}-px blocks; device {device}, {dtype_name}, {torch.get_num_threads()} threads")
     print("memory = peak during one denoiser call above the memory held before it; "
           "planner = two-step sample() peak vs plan().working\n")
     header = f"{'output':>10} {'blocks':>6} {'mode':>12} {'time s':>7} {'time x':>7} {'mem MB':>8} {'mem x':>6} " \
@@ -104,7 +168,7 @@ def main():
     print(header)
     print("-" * len(header))
     sweep_memory = {}
-    for size in args.sizes.split(","):
+    for size in sizes.split(","):
         H, W = map(int, size.split("x"))
         blocks = (H // CONFIG.block_size) * (W // CONFIG.block_size)
         inp = inputs(1, H, W, device)
@@ -125,6 +189,23 @@ def main():
     for (H, W), mem in sweep_memory.items():
         if (2 * H, W) in sweep_memory:
             print(f"O(N) check: sweep bb=1 memory {2 * H}x{W} / {H}x{W} = {sweep_memory[(2 * H, W)] / mem:.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="HxW list, comma separated")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--share-size", default="256x256", help="HxW of the matmul-share run")
+    parser.add_argument("--share-layers", type=int, default=3, help="layers of the released-width model")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.sizes:
+        table(args.sizes, device, dtype, args.dtype)
+    if args.share_size:
+        H, W = map(int, args.share_size.split("x"))
+        sweep_share(H, W, args.share_layers, device, dtype)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ class BlockSweepDenoiser:
             if self.exchange is not None:
                 self.exchange.receive(cache, blocks)
             cache.begin_call(blocks)
-            inputs = self.canvas.inputs(blocks, x)
+            where = self.canvas.locate(blocks)
+            inputs = self.canvas.inputs(blocks, x, where)
             image = inputs.batch_index
             skip = c_skip[image] * inputs.z[:, :3]
             # Official quirk (8.1-3): c_in scales the LR concat channels as well as the noisy image.
@@ -142,14 +143,14 @@ class BlockSweepDenoiser:
             inputs.z.mul_(c_in[image])
             net = model.forward_blocks(inputs, cond, cache).float()
             denoised = placement.to_canvas(skip + c_out[image] * net)
-            for m, blk in enumerate(blocks):
-                self.canvas.pixels(out, blk).copy_(denoised[m])
+            self.canvas.write(out, where, denoised)
             del skip, net, denoised  # not held through the next call
             if self.exchange is not None:
                 self.exchange.send(cache.take_outbox())
             done += len(blocks)
             if self.on_blocks is not None:
                 self.on_blocks(done, self.num_blocks, out)
+        cache.close()
         self._estimate = out
         return out
 

@@ -26,20 +26,23 @@ from .offload import HOST, MODES, Placement
 log = logging.getLogger("infdit")
 
 # Hidden-sized tensors ([blocks, tokens, width]) alive at the peak of one network call, per block:
-# the 4-slot keys and values gathered straight into the attention layout (8), q, the residual
-# stream and the attention output, RoPE tables and allocator slack; every sub-layer input is freed
-# once projected (model.py). Calibrated with benchmarks/bench_uniba.py (CPU fp32), which prints the
-# planner's error against the measured sample peak.
-ACTIVATION_FACTOR = 16
+# the 4-slot keys and values gathered straight into the attention layout (8), the layer's fresh K
+# and V and their row in the K/V pool they are gathered from (2 + 2, uniba.KVCache), q, the
+# residual stream, RoPE tables and allocator slack; every sub-layer input is freed once projected
+# (model.py). Calibrated with benchmarks/bench_uniba.py (CPU fp32), which prints the planner's
+# error against the measured sample peak (-2 to +5 % at 512x512 for block batch 1 to the whole
+# image; 16 before the pool's row was added left the whole image 12 % short).
+ACTIVATION_FACTOR = 18
 # Float32 canvases [B, 3, H, W] the sampler holds at once in a Heun step: x, the concat LR, the
 # estimate (each network call writes over the previous one), the derivative and the Euler point
 # (which the step turns into the result in place; see sampling.heun_step).
 CANVASES = 5
-# K/V messages a rank holds at a strip edge beyond its cache: the sends in flight (a block being
-# sent shares its cache entry's memory, but may outlive the entry by one call). Receives cost
-# nothing more: a block arrives layer by layer in the call that first reads it, as the edge block
-# of the line before (counted in the cache) is freed layer by layer in the same call.
-EDGE_BUFFERS = MAX_PENDING
+# K/V messages a rank holds at a strip edge beyond its cache (a block's K/V of every layer each):
+# the sends in flight and the copy of the edge block being packed for the next one (a pool slot is
+# written again once its last reader is done, so a send cannot share it), and the receive buffers
+# of the block arriving from the previous rank (all its layers are posted at once; each is freed
+# when the call first reading it has copied it into the pool).
+EDGE_BUFFERS = MAX_PENDING + 2
 
 
 @dataclass(frozen=True)

@@ -77,9 +77,11 @@ class Placement:
         """`host` (a buffer of t's shape in host memory) holding a copy of the K/V tensor t."""
         return host.copy_(t, non_blocking=True)
 
-    def fetch(self, t: torch.Tensor) -> torch.Tensor:
-        """A spilled K/V tensor back on the compute device."""
-        return t.to(self.compute, non_blocking=True, copy=True)
+    def fetch(self, t: torch.Tensor, into: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A spilled K/V tensor back on the compute device: a new tensor, or copied `into` one."""
+        if into is None:
+            return t.to(self.compute, non_blocking=True, copy=True)
+        return into.copy_(t, non_blocking=True)
 
 
 class HostSlots:
@@ -108,8 +110,8 @@ class HostSlots:
             free.extend(slab.unbind(0))
         return self.placement.spill(t, free.pop())
 
-    def fetch(self, host: torch.Tensor) -> torch.Tensor:
-        on_device = self.placement.fetch(host)
+    def fetch(self, host: torch.Tensor, into: Optional[torch.Tensor] = None) -> torch.Tensor:
+        on_device = self.placement.fetch(host, into)
         self.release(host)
         return on_device
 

@@ -11,6 +11,8 @@ identical to the official ones.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -29,6 +31,13 @@ def axis_frequencies(head_dim: int) -> torch.Tensor:
     return official_frequencies(head_dim).repeat_interleave(2)
 
 
+@functools.lru_cache(maxsize=None)
+def _frequencies_on(head_dim: int, device: torch.device) -> torch.Tensor:
+    """axis_frequencies on `device`, copied there once: a copy from host memory per network call
+    would make the host wait for the device."""
+    return axis_frequencies(head_dim).to(device)
+
+
 def table_positions(positions: torch.Tensor, size: int) -> torch.Tensor:
     """Integer positions as the official table holds them: `p / size * size` in float32 (equal to p
     for a power-of-two size, possibly off by one rounding otherwise), after wrapping modulo size."""
@@ -38,7 +47,7 @@ def table_positions(positions: torch.Tensor, size: int) -> torch.Tensor:
 def rope_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, modulo: int) -> torch.Tensor:
     """Angles [..., head_dim] in float32 for integer positions (taken modulo `modulo`), equal to the
     official table's angles at (row, col)."""
-    freqs = axis_frequencies(head_dim).to(rows.device)
+    freqs = _frequencies_on(head_dim, rows.device)
     rows = table_positions(rows, modulo)
     cols = table_positions(cols, modulo)
     return torch.cat([rows[..., None] * freqs, cols[..., None] * freqs], dim=-1)

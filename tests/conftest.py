@@ -171,17 +171,17 @@ def network_forward(model, x, sigma, *, lr, concat_lr, clip_vector, checkpoint_l
     from infdit_core.denoiser import edm_precondition
     from infdit_core.offload import Placement
     from infdit_core.strips import StripSchedule
-    from infdit_core.uniba import BlockCanvas, KVCache
+    from infdit_core.train import GridNeighbours
+    from infdit_core.uniba import BlockCanvas
 
     B, _, H, W = x.shape
     s = model.config.block_size
     schedule = StripSchedule(B, H // s, W // s)
     canvas = BlockCanvas(model.config, lr, concat_lr, schedule, Placement.for_mode("off", model.device))
     blocks = schedule.order
-    cache = KVCache(blocks, len(blocks), model.config.num_layers)  # one call: neighbours are its own K/V
-    cache.begin_call(blocks)
+    neighbours = GridNeighbours(blocks, x.device)  # one call: neighbours are its own K/V, as in training
     sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(B)
     _, _, c_in, c_noise = edm_precondition(sigma)
     inputs = canvas.inputs(blocks, x)
     inputs = inputs._replace(z=inputs.z * c_in[inputs.batch_index, None, None, None])
-    return model.forward_blocks(inputs, model.conditioning(c_noise, clip_vector.float()), cache, checkpoint_layers)
+    return model.forward_blocks(inputs, model.conditioning(c_noise, clip_vector.float()), neighbours, checkpoint_layers)

@@ -145,14 +145,16 @@ def test_a_rank_takes_the_whole_concat_canvas_or_just_its_strip(golden_dir):
         BlockSweepDenoiser(model, concat_lr=whole[..., :96], **condition_)
 
 
-def test_edge_blocks_are_sent_from_their_cache_entries(golden_dir):
-    """The K/V packed for the next rank is the cache entry the strip's next line reads, not a copy."""
+def test_edge_blocks_are_sent_as_copies_of_their_pool_slots(golden_dir):
+    """The K/V packed for the next rank hold what the cache keeps for the strip's next line, in
+    memory of their own: the pool slot is written again once its last reader is done, which may be
+    before the next rank has received it."""
     model = load_model(golden_dir / "tiny_model.safetensors")
     inputs = random_inputs(1, 3, 5)
     schedule = StripSchedule(1, 3, 5, 2, 0)  # lines are block columns; rank 0 has rows 0 and 1, row 1 goes to rank 1
 
     class Recording:
-        cache, shared, sent = None, 0, []
+        cache, kept, sent = None, 0, []
 
         def begin_sweep(self):
             pass
@@ -161,31 +163,37 @@ def test_edge_blocks_are_sent_from_their_cache_entries(golden_dir):
             self.cache = cache
 
         def send(self, packed):
+            pool = self.cache.pool
             for block, kv in packed:
                 self.sent.append(block)
-                if block in self.cache.stores[0]:
-                    assert len(kv) == len(self.cache.stores)  # one tensor per layer
-                    assert all(self.cache.stores[layer][block][n].data_ptr() == kv[layer][n].data_ptr()
-                               for layer in range(len(kv)) for n in (0, 1))
-                    self.shared += 1
+                assert len(kv) == model.config.num_layers  # one tensor per layer
+                cfg = model.config
+                assert all(t.shape == (2, cfg.num_heads, cfg.block_tokens ** 2, cfg.head_dim) and t.is_contiguous()
+                           for t in kv)
+                assert all(t.untyped_storage().data_ptr() != pool.untyped_storage().data_ptr() for t in kv)
+                slot = self.cache.held.get(block)
+                if slot is not None:
+                    S = self.cache.capacity
+                    assert all(torch.equal(kv[layer], pool[layer * S + slot]) for layer in range(len(kv)))
+                    self.kept += 1
 
     exchange = Recording()
     denoiser = BlockSweepDenoiser(model, lr=inputs["lr"], concat_lr=inputs["concat_lr"],
                                   clip_vector=inputs["clip_vector"], schedule=schedule, exchange=exchange)
     denoiser(schedule.crop(inputs["x"], 32), 1.5)
     assert exchange.sent == schedule.outgoing
-    assert exchange.shared == 4  # lines 0 to 3; the last line's edge block is read by no later line
+    assert exchange.kept == 4  # lines 0 to 3; the last line's edge block is read by no later line
 
 
-def test_received_blocks_arrive_and_are_freed_layer_by_layer(golden_dir, monkeypatch):
+def test_received_blocks_arrive_layer_by_layer_into_the_pool(golden_dir, monkeypatch):
     """A block from the previous rank is waited for only when a layer first reads it (so later
-    layers arrive while earlier ones compute), and each layer of it is freed once its last reader
-    has gathered it, not when the whole block is done with."""
+    layers arrive while earlier ones compute), copied into that layer's pool slot, and its buffer
+    is not kept: the pool is the only copy, and the readers see exactly what was sent."""
     model = load_model(golden_dir / "tiny_model.safetensors")
     cfg = model.config
     inputs = random_inputs(1, 3, 5)
     schedule = StripSchedule(1, 3, 5, 2, 1)  # lines are block columns; this rank has row 2 and reads row 1
-    events, storages = [], {}
+    events, storages, sent = [], {}, {}
 
     class Supplying:
         def __init__(self):
@@ -205,6 +213,7 @@ def test_received_blocks_arrive_and_are_freed_layer_by_layer(golden_dir, monkeyp
                 events.append(("arrive", source, layer))
                 kv = torch.randn(2, cfg.num_heads, cfg.block_tokens ** 2, cfg.head_dim)
                 storages[source, layer] = kv.untyped_storage()._weak_ref()
+                sent[source, layer] = kv.clone()
                 return kv
             return arrive
 
@@ -215,10 +224,14 @@ def test_received_blocks_arrive_and_are_freed_layer_by_layer(golden_dir, monkeyp
 
     def logged(cache, layer, k, v):
         events.append(("gather", cache.blocks[0], layer))
-        result = gather(cache, layer, k, v)
+        keys, values = gather(cache, layer, k, v)
         alive = {key for key, ref in storages.items() if not torch.UntypedStorage._expired(ref)}
         events.append(("alive", cache.blocks[0], layer, alive))
-        return result
+        # Block (2, j) reads (1, j) as its top neighbour (slot 3).
+        (block,) = cache.blocks
+        top = Block(0, 1, block.j)
+        assert torch.equal(keys[0, :, 3], sent[top, layer][0]) and torch.equal(values[0, :, 3], sent[top, layer][1])
+        return keys, values
 
     monkeypatch.setattr(KVCache, "gather", logged)
     denoiser = BlockSweepDenoiser(model, lr=inputs["lr"], concat_lr=inputs["concat_lr"],
@@ -226,14 +239,15 @@ def test_received_blocks_arrive_and_are_freed_layer_by_layer(golden_dir, monkeyp
     denoiser(schedule.crop(inputs["x"], 32), 1.5)
     # Block (2, j) reads (1, j) as its top and (2, j + 1) reads it as its top-left neighbour.
     for j in range(5):
-        source, first, last = Block(0, 1, j), Block(0, 2, j), Block(0, 2, min(j + 1, 4))
+        source, first = Block(0, 1, j), Block(0, 2, j)
         for layer in range(cfg.num_layers):
             arrived = events.index(("arrive", source, layer))
             assert events[arrived - 1] == ("gather", first, layer)  # waited for inside that layer's gather
-            alive = next(e[3] for e in events if e[:3] == ("alive", last, layer))
-            assert (source, layer) not in alive  # freed by its last reader's gather of that layer
-            if last != first:  # (the last line's edge block is read once: its later layers arrive later)
-                assert all((source, later) in alive for later in range(layer + 1, cfg.num_layers))
+            alive = next(e[3] for e in events if e[:3] == ("alive", first, layer))
+            assert (source, layer) not in alive  # copied into the pool, the buffer released
+            if layer + 1 < cfg.num_layers:
+                assert ("arrive", source, layer + 1) not in events[:arrived]  # later layers arrive later
+    assert not denoiser.last_cache.arriving and not denoiser.last_cache.held
 
 
 RESUME_STEPS = 4

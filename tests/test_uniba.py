@@ -62,7 +62,10 @@ def test_cache_holds_at_most_one_row_plus_block_batch(model, rows, cols, block_b
     assert cache.peak_blocks <= cols + block_batch  # the bound: blocks per row + block batch
     # Wide images sweep column-major, so the cache holds one column instead of one row.
     assert cache.peak_blocks <= min(rows, cols) + block_batch
-    assert all(len(store) == 0 for store in cache.stores), "every cached block must be freed by the end"
+    assert not cache.held, "every cached block must be freed by the end"
+    assert cache.pool is None  # the pool goes with the sweep
+    # The pool has a slot for each block the sweep ever holds at once, and no more.
+    assert cache.capacity == cache.peak_blocks
     if rows * cols > 2 * block_batch:
         assert cache.peak_blocks >= min(rows, cols), "a row of K/V must really be cached"
 
@@ -213,16 +216,21 @@ def test_one_block_network_call_holds_only_the_accounted_activations(monkeypatch
 
     monkeypatch.setattr(InfDiT, "forward_blocks", tracked)
     inp = random_inputs(1, 2, 3, seed=3, block=128)
-    BlockSweepDenoiser(model, lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"],
-                       block_batch=1)(inp["x"], 1.0)
+    sweep = BlockSweepDenoiser(model, lr=inp["lr"], concat_lr=inp["concat_lr"], clip_vector=inp["clip_vector"],
+                               block_batch=1)
+    sweep(inp["x"], 1.0)
     assert len(peaks) == 6
     unit = 1024 * 128 * 4  # one hidden-sized tensor of one block, float32
-    # The peak is the last layer's attention: the residual stream 1, q 1, the 4-slot keys and
-    # values 8, the attention output 1, this block's K and V of both layers 4 (cached for its
-    # neighbours, not copied), RoPE cos and sin 1 (2 x head_dim / width). Every other input of a
-    # sub-layer (the modulated and normalised inputs, the QKV projection, the LR tokens) is gone
-    # by then; keeping them would add 5 or more.
-    assert max(peaks) == pytest.approx(16 * unit, rel=0.01)
+    # The peak is a layer's K/V gather: the residual stream 1, q 1, this layer's fresh K and V 2,
+    # the 4-slot keys and values 8, RoPE cos and sin 1 (2 x head_dim / width). Every other input of
+    # a sub-layer (the modulated and normalised inputs, the QKV projection, the LR tokens) is gone
+    # by then; keeping them would add 5 or more. The cached K/V live in the pool, allocated once by
+    # the first call: per layer a slot (K and V: 2) for each block held at once (one line of 2
+    # blocks plus one), and one row for the call's fresh K/V (2), shared by the layers.
+    pool = (config.num_layers * sweep.last_cache.capacity * 2 + 2) * unit
+    assert sweep.last_cache.capacity == 3
+    assert max(peaks[1:]) == pytest.approx(13 * unit, rel=0.01)
+    assert peaks[0] == pytest.approx(13 * unit + pool, rel=0.01)
 
 
 def test_karras_schedule_is_the_official_one(golden_dir):
