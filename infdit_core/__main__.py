@@ -21,6 +21,7 @@ from .imageio import read_image, write_image
 from .integrity import forget
 from .launch import start
 from .lora import apply_loras, load_lora
+from .fast import FAST_CHOICES, parse_fast
 from .offload import MODES
 from .pipeline import Resume, upscale
 
@@ -149,7 +150,8 @@ def _upscale_all(args, launch):
         progress = ProgressBar(name) if launch.rank == 0 else None
         result = upscale(model, image, scale=args.scale, clip_vector=vector, steps=args.steps, seed=args.seed,
                          lr_noise_init=not args.no_lr_init, block_batch=block_batch, callback=progress,
-                         offload=args.offload, group=launch.group if mode == "strips" else None, resume=resume)
+                         offload=args.offload, group=launch.group if mode == "strips" else None, resume=resume,
+                         fast=parse_fast(args.fast))
         if result is None:
             continue  # a strip rank other than 0: rank 0 writes the image
         target = args.output if single_file_out else os.path.join(args.output, f"{name}_x{args.scale:g}.png")
@@ -254,6 +256,9 @@ def main(argv=None):
     u.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="PNG bits per channel (16 for print work)")
     u.add_argument("--offload", choices=MODES, default="auto",
                    help="keep canvases (canvas) or canvases and K/V cache (all) in host memory; auto: only if needed")
+    u.add_argument("--fast", choices=list(FAST_CHOICES), default="auto",
+                   help="compile the network's layers (torch.compile): auto = on CUDA for large jobs (see "
+                        "docs/fast-path.md), on, off (the eager path)")
     u.add_argument("--parallel", choices=("auto", "images", "strips"), default="auto",
                    help="under torchrun: whole images per rank, or every image split in strips over the ranks; "
                         "auto: images when there are at least as many as ranks")

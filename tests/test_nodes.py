@@ -83,7 +83,7 @@ def test_fixed_interfaces(models_dir):
     assert order("InfDiTClipEmbed") == (["image", "clip", "positive", "negative", "strength"],
                                         ["reference_image", "reference_weight"])
     assert order("InfDiTUpscale") == (["model", "image", "scale", "steps", "seed", "block_batch", "lr_noise_init",
-                                       "offload", "resume"],
+                                       "offload", "resume", "fast"],
                                       ["embed", "clip", "mask"])
     assert [NODES[n].RETURN_TYPES for n in OUR_NODES] == [("INFDIT_MODEL",), ("INFDIT_CLIP",), ("INFDIT_EMBED",),
                                                            ("IMAGE", "MASK")]
