@@ -96,14 +96,18 @@ def post_attention(h, attn, mod, dense_w, dense_b, w_in, b_in, w_out, b_out, *, 
     return h + _mlp(x, w_in, b_in, w_out, b_out)
 
 
-def post_attention_first(h, attn, mod, dense_w, dense_b, lr_tokens, ca_q_w, ca_q_b, ca_kv_w, ca_kv_b,
-                         ca_dense_w, ca_dense_b, cq_w, cq_b, ck_w, ck_b, q_pos, k_pos, ln_w, ln_b,
+def post_attention_first(h, attn, mod, dense_w, dense_b, lr_windows, lr_valid, proj_w, proj_b, ca_q_w, ca_q_b,
+                         ca_kv_w, ca_kv_b, ca_dense_w, ca_dense_b, cq_w, cq_b, ck_w, ck_b, q_pos, k_pos, ln_w, ln_b,
                          w_in, b_in, w_out, b_out, *, heads: int, eps: float):
     """Layer 0 after its attention: the LR cross-attention (un-modulated LN in, no gate out) and an
-    affine LN in front of the MLP, as InfDiT._layer and _lr_cross_attention compute them."""
+    affine LN in front of the MLP, as InfDiT._layer, _lr_tokens and _lr_cross_attention compute
+    them. The LR tokens are embedded here, so they are freed once projected (as in the eager path)."""
     h = _attention_output(h, attn, dense_w, dense_b)
     M, T, D = h.shape
     d = D // heads
+    # Tokens outside the image are exact zeros (the official code zero-pads after the convolution).
+    lr_tokens = F.conv2d(lr_windows.to(h.dtype), proj_w, proj_b, stride=2) * lr_valid[:, None].to(h.dtype)
+    lr_tokens = lr_tokens.flatten(2).transpose(1, 2)
     q = F.linear(F.layer_norm(h, (D,), eps=eps), ca_q_w, ca_q_b).view(M, T, heads, d)
     q = F.layer_norm(q, (d,), cq_w, cq_b, eps) + q_pos[0]
     k, v = (F.linear(lr_tokens, ca_kv_w) + ca_kv_b).view(M, lr_tokens.shape[1], 2, heads, d).unbind(2)
@@ -192,8 +196,8 @@ class CompiledLayers:
         if index:
             return _run("post_attention", h, attn, mod, *weights, *mlp_weights, eps=cfg.eps)
         ca, ln = adaln.cross_attention, adaln.post_cross_attention_layernorm
-        return _run("post_attention_first", h, attn, mod, *weights, model._lr_tokens(inputs),
-                    ca.query.weight, ca.query.bias, ca.key_value.weight, ca.key_value.bias, ca.dense.weight,
+        return _run("post_attention_first", h, attn, mod, *weights, inputs.lr_windows, inputs.lr_valid,
+                    adaln.proj_lr.weight, adaln.proj_lr.bias, ca.query.weight, ca.query.bias, ca.key_value.weight, ca.key_value.bias, ca.dense.weight,
                     ca.dense.bias, adaln.cross_q_ln.weight, adaln.cross_q_ln.bias, adaln.cross_k_ln.weight,
                     adaln.cross_k_ln.bias, adaln.lr_query_position_embedding, adaln.lr_key_position_embedding,
                     ln.weight, ln.bias, *mlp_weights, heads=cfg.num_heads, eps=cfg.eps)
