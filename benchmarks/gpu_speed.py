@@ -273,7 +273,7 @@ def main(argv=None) -> int:
                       f"(first call {timing.first_call_s:.1f} s)")
     fitting = [t for t in report.timings if t.ms_per_block is not None]
     if fitting:
-        for mode in {t.mode for t in fitting}:
+        for mode in dict.fromkeys(t.mode for t in fitting):
             best = min((t for t in fitting if t.mode == mode), key=lambda t: t.ms_per_block)
             for job, side in JOBS.items():
                 blocks = math.ceil(side / config.block_size) ** 2

@@ -22,10 +22,13 @@ from .integrity import forget
 from .launch import start
 from .lora import apply_loras, load_lora
 from .fast import FAST_CHOICES, parse_fast
+from .fp8 import check_supported as check_fp8_supported
 from .offload import MODES
 from .pipeline import Resume, upscale
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# upscale only: fp8 is a way to run the weights (fp8.py), not a dtype to cast a file to.
+RUN_DTYPES = {**DTYPES, "fp8": torch.float8_e4m3fn}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -122,13 +125,16 @@ def _upscale_all(args, launch):
     from .checkpoint import load_model
 
     logging.basicConfig(level=logging.INFO if launch.rank == 0 else logging.WARNING, format="%(message)s")
-    dtype, device = DTYPES[args.dtype], launch.device
+    dtype, device = RUN_DTYPES[args.dtype], launch.device
+    if args.dtype == "fp8":
+        check_fp8_supported(device)  # before loading the weights
     args.model = resolve_model(args.model) if args.model else _default_model()
     model = load_model(args.model, dtype=dtype, device=device)
     apply_loras(model, [(load_lora(path), strength) for path, strength in args.lora], backup=False)
     block_batch = "auto" if args.block_batch == "auto" else int(args.block_batch)
     fixed_vector = _load_vector(args.clip_vector) if args.clip_vector else None
-    clip = None if fixed_vector is not None else _embedder(args, dtype, device)
+    clip = None if fixed_vector is not None else _embedder(args, torch.bfloat16 if args.dtype == "fp8" else dtype,
+                                                           device)
     paths = list(_inputs(args.inputs))
     if not paths:
         raise SystemExit("no input images found")
@@ -247,7 +253,9 @@ def main(argv=None):
     u.add_argument("--seed", type=int, default=0)
     u.add_argument("--block-batch", default="auto", help="'auto' or blocks per network call (1 = least memory)")
     u.add_argument("--no-lr-init", action="store_true", help="start from pure noise instead of LR + noise")
-    u.add_argument("--dtype", choices=sorted(DTYPES), default="fp32" if not torch.cuda.is_available() else "bf16")
+    u.add_argument("--dtype", choices=sorted(RUN_DTYPES), default="fp32" if not torch.cuda.is_available() else "bf16",
+                   help="weights: fp32, bf16, fp16, or fp8 (e4m3 with per-channel scales, bf16 activations; "
+                        "GPUs of compute capability 8.9+)")
     u.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     u.add_argument("--clip", help="CLIP weights (open_clip_pytorch_model.bin / .safetensors), or 'embedded' "
                                   "to use the image tower inside --model (the default when a .safetensors "

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .config import SR_SCALE
 from .denoiser import BlockSweepDenoiser, canvas_shape
 from .fast import parse_fast, resolve_fast
+from .fp8 import check_supported as check_fp8_supported, is_fp8
 from .distributed import (AUTO, StripExchange, broadcast_from_first, cpu_group, gather_strips, resolve_group,
                           world_and_rank)
 from .memory import choose_block_batch, default_budget, empty_cache, is_out_of_memory, resolve_execution
@@ -134,6 +135,8 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
     fast: compile the network's layers (fast.py): True, False, or auto (on CUDA, for jobs large
     enough to repay the compile time); the same image either way, to float rounding."""
     fast = parse_fast(fast)
+    if is_fp8(model):
+        check_fp8_supported(model.device)
     group = resolve_group(group)
     world, rank = world_and_rank(group)
     shape = canvas_shape(lr, concat_lr, world)
