@@ -34,11 +34,12 @@ from .rope import apply_rope
 log = logging.getLogger("infdit")
 
 # `fast="auto"` turns the fast path on for a CUDA job of at least this many block evaluations
-# (network calls x blocks). Its basis: compiling the three graphs took FIRST_COMPILE_S_CPU on this
-# project's 2-core CPU machine (released width, fp32, cold cache; see docs/fast-path.md); a GPU
-# compile is taken to cost about as much (inductor's compile is host work). The saving per block
-# evaluation on a GPU is NOT measured; the 5 ms assumed here is the gap between the measured eager
-# cost at many blocks per call (~10 ms per block on an H200) and the compiled target (<= 4.5 ms).
+# (network calls x blocks). Its basis: compiling the six graphs took about FIRST_COMPILE_S_CPU on
+# the project's 2-core CPU machine (released width, fp32, empty inductor cache: 62 s, see
+# docs/fast-path.md); a GPU compile is taken to cost about as much (inductor's compile is host
+# work; unmeasured). The saving per block evaluation on a GPU is NOT measured; the 5 ms assumed
+# here is the gap between the measured eager cost at many blocks per call (~10 ms per block on an
+# H200) and the compiled target (<= 4.5 ms).
 # With those, 60 s of compiling is repaid after 12,000 block evaluations: a 2048² output at 20
 # steps (256 blocks x 39 calls ~ 10,000) stays eager, 4096² (1024 blocks) compiles.
 FIRST_COMPILE_S_CPU = 60.0

@@ -139,7 +139,7 @@ class InfDiTModelLoader:
                 "default": "auto",
                 "tooltip": "Precision of the weights. auto: bf16 (what Inf-DiT was trained in) where the GPU supports "
                            "it, else fp16, fp32 on CPU. bf16/fp16 halve the memory of fp32. fp8: the transformer's weights in "
-                           "e4m3 with per-channel scales (about 0.6x bf16's memory, not faster; GPUs of compute "
+                           "e4m3 with per-channel scales (about half the memory of bf16, not faster; GPUs of compute "
                            "capability 8.9+ only, no LoRAs)."}),
         }}
 
