@@ -172,8 +172,9 @@ def attention_backend(model, block_batch: int) -> str:
     return fast_path.attention_backend_used(q, kv, kv)
 
 
-def exactness(device, dtypes, smoke: bool) -> dict:
-    """max |out - official fp32 output| per golden and path; fast bf16 at block batch 1 vs all."""
+def exactness(device, dtypes, smoke: bool, fp8: bool) -> dict:
+    """max |out - official fp32 output| per golden and path (fast at block batch 1 too; fp8 weights
+    through the fast path where the GPU supports them)."""
     from safetensors.torch import load_file
 
     data = os.path.join(REPO, "tests", "data")
@@ -200,7 +201,8 @@ def exactness(device, dtypes, smoke: bool) -> dict:
                 item for dt in dtypes for item in (
                     (f"eager {dt}", dtypes[dt], None, 10 ** 6),
                     (f"fast {dt}", dtypes[dt], fast_path.COMPILED_LAYERS, 10 ** 6),
-                    (f"fast {dt} block batch 1", dtypes[dt], fast_path.COMPILED_LAYERS, 1))]:
+                    (f"fast {dt} block batch 1", dtypes[dt], fast_path.COMPILED_LAYERS, 1))] + (
+                [("fast fp8 weights", torch.float8_e4m3fn, fast_path.COMPILED_LAYERS, 10 ** 6)] if fp8 else []):
             model = load_model(dict(state), dtype=dtype, device=device)
             out = BlockSweepDenoiser(model, block_batch=block_batch, layer_runner=runner, **inputs)(x, sigma)
             row[label] = (out.float().cpu() - expected).abs().max().item()
@@ -282,7 +284,7 @@ def main(argv=None) -> int:
                 print(f"projected {job} ({blocks} blocks x {network_calls(DEFAULT_STEPS)} calls) {mode:5s} at block batch "
                       f"{best.block_batch}: {seconds / 60:.1f} min")
     dtypes = {"fp32" if args.smoke else "bf16": dtype}
-    report.exactness = exactness(device, dtypes, args.smoke)
+    report.exactness = exactness(device, dtypes, args.smoke, fp8_supported(device))
     for golden, row in report.exactness.items():
         print(f"exactness, {golden}: max |out - official fp32| " + ", ".join(f"{k} {v:.2e}" for k, v in row.items()))
     if args.out:

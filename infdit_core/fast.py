@@ -71,7 +71,7 @@ def _mlp(x, w_in, b_in, w_out, b_out):
     return F.linear(F.gelu(F.linear(x, w_in, b_in), approximate="tanh"), w_out, b_out)
 
 
-def pre_attention(h, mod, qkv_w, qkv_b, qn_w, qn_b, cos, sin, *, heads: int, eps: float):
+def pre_attention(h, mod, cos, sin, qkv_w, qkv_b, qn_w, qn_b, *, heads: int, eps: float):
     """q, k, v [M, H, T, d] of one layer from the residual stream h [M, T, D] and the layer's
     modulation mod [M, 4, D], as InfDiT._self_attention computes them."""
     M, T, D = h.shape
@@ -97,7 +97,7 @@ def post_attention(h, attn, mod, dense_w, dense_b, w_in, b_in, w_out, b_out, *, 
     return h + _mlp(x, w_in, b_in, w_out, b_out)
 
 
-def post_attention_first(h, attn, mod, dense_w, dense_b, lr_windows, lr_valid, proj_w, proj_b, ca_q_w, ca_q_b,
+def post_attention_first(h, attn, mod, lr_windows, lr_valid, dense_w, dense_b, proj_w, proj_b, ca_q_w, ca_q_b,
                          ca_kv_w, ca_kv_b, ca_dense_w, ca_dense_b, cq_w, cq_b, ck_w, ck_b, q_pos, k_pos, ln_w, ln_b,
                          w_in, b_in, w_out, b_out, *, heads: int, eps: float):
     """Layer 0 after its attention: the LR cross-attention (un-modulated LN in, no gate out) and an
@@ -131,14 +131,17 @@ def compile_times() -> dict[tuple, float]:
     return dict(_first_call_s)
 
 
+# Per part, how many of its leading arguments are per-block tensors (the rest are weights).
+_PER_BLOCK = {"pre_attention": 4, "post_attention": 3, "post_attention_first": 5}
+
+
 def _run(part: str, *args, **constants):
     h = args[0]
     # The block dimension of every per-block input is dynamic (one graph for any block count >= 2).
     key = (part, h.device.type, h.dtype, tuple(h.shape[1:]), h.shape[0] == 1)
     if h.shape[0] > 1:
-        for t in args:
-            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == h.shape[0]:
-                torch._dynamo.mark_dynamic(t, 0)
+        for t in args[:_PER_BLOCK[part]]:
+            torch._dynamo.mark_dynamic(t, 0)
     if key in _first_call_s:
         return _COMPILED[part](*args, **constants)
     start = time.perf_counter()
@@ -187,7 +190,7 @@ class CompiledLayers:
         # patch embedding hands layer 0 a transposed h, and each layer's modulation is a slice.
         h, mod = h.contiguous(), mods[:, index].contiguous()
         qkv, q_norm = layer.attention.query_key_value, adaln.q_layer_norm[index]
-        qkv_parts = [*_run("pre_attention", h, mod, qkv.weight, qkv.bias, q_norm.weight, q_norm.bias, cos, sin,
+        qkv_parts = [*_run("pre_attention", h, mod, cos, sin, qkv.weight, qkv.bias, q_norm.weight, q_norm.bias,
                            heads=cfg.num_heads, eps=cfg.eps)]
         attn = self._attention(model, index, qkv_parts, neighbours)
         mlp = layer.mlp
@@ -197,7 +200,7 @@ class CompiledLayers:
         if index:
             return _run("post_attention", h, attn, mod, *weights, *mlp_weights, eps=cfg.eps)
         ca, ln = adaln.cross_attention, adaln.post_cross_attention_layernorm
-        return _run("post_attention_first", h, attn, mod, *weights, inputs.lr_windows, inputs.lr_valid,
+        return _run("post_attention_first", h, attn, mod, inputs.lr_windows, inputs.lr_valid, *weights,
                     adaln.proj_lr.weight, adaln.proj_lr.bias, ca.query.weight, ca.query.bias, ca.key_value.weight, ca.key_value.bias, ca.dense.weight,
                     ca.dense.bias, adaln.cross_q_ln.weight, adaln.cross_q_ln.bias, adaln.cross_k_ln.weight,
                     adaln.cross_k_ln.bias, adaln.lr_query_position_embedding, adaln.lr_key_position_embedding,
@@ -229,4 +232,7 @@ def resolve_fast(fast: Union[str, bool], device: torch.device, block_evaluations
     fast = parse_fast(fast)
     if fast == "auto":
         fast = torch.device(device).type == "cuda" and block_evaluations >= AUTO_MIN_BLOCK_EVALUATIONS
+        if fast:
+            log.info("Inf-DiT: fast path on (auto: %d block evaluations >= %d)", block_evaluations,
+                     AUTO_MIN_BLOCK_EVALUATIONS)
     return COMPILED_LAYERS if fast else None

@@ -17,7 +17,7 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import OutOfMemoryInjector, load_pack, random_inputs
-from infdit_core import BlockSweepDenoiser, InfDiT, InfDiTConfig, fast, load_model, sample
+from infdit_core import BlockSweepDenoiser, InfDiT, fast, load_model, sample
 from infdit_core.memory import plan
 from infdit_core.sampling import network_calls
 from infdit_core.strips import StripSchedule
@@ -92,7 +92,7 @@ def test_one_graph_per_part_for_all_layers_and_calls(tiny):
     # The tiny golden's shapes with 4 layers, swept with 1 to 8 blocks per call (a sweep's last
     # call is often smaller). Each part compiles once for one-block calls and once for any other
     # block count, whatever the layer and the call: at most 6 graphs, and none once those exist.
-    model = InfDiT(replace(tiny.config, num_layers=4)).eval()
+    model = InfDiT(replace(tiny.config, num_layers=4)).eval().requires_grad_(False)  # as loaded models are
     inp = random_inputs(1, 2, 4, seed=5)
     graphs = torch._dynamo.utils.counters["stats"]
 
