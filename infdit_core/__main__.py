@@ -22,7 +22,7 @@ from .integrity import forget
 from .launch import start
 from .lora import apply_loras, load_lora
 from .fast import FAST_CHOICES, parse_fast
-from .fp8 import check_supported as check_fp8_supported
+from .fp8 import refusal as fp8_refusal
 from .offload import MODES
 from .pipeline import Resume, upscale
 
@@ -126,8 +126,8 @@ def _upscale_all(args, launch):
 
     logging.basicConfig(level=logging.INFO if launch.rank == 0 else logging.WARNING, format="%(message)s")
     dtype, device = RUN_DTYPES[args.dtype], launch.device
-    if args.dtype == "fp8":
-        check_fp8_supported(device)  # before loading the weights
+    if args.dtype == "fp8" and (problem := fp8_refusal(device)):
+        raise SystemExit(f"error: {problem}")  # before loading the weights
     args.model = resolve_model(args.model) if args.model else _default_model()
     model = load_model(args.model, dtype=dtype, device=device)
     apply_loras(model, [(load_lora(path), strength) for path, strength in args.lora], backup=False)

@@ -87,3 +87,11 @@ def test_fp8_refused_where_it_cannot_run(golden_dir, golden, models_dir):
     with pytest.raises(LoraError, match="LoRAs cannot be merged into fp8 weights"):
         apply_loras(fp8, [(lora, 1.0)])
     assert sys.modules[pack.__name__ + ".nodes.loaders"].WEIGHT_DTYPES["fp8"] is FP8
+
+
+def test_cli_refuses_fp8_before_loading(tmp_path):
+    from infdit_core.__main__ import main
+
+    with pytest.raises(SystemExit, match="error: fp8 weights need a CUDA GPU of compute capability >= 8.9"):
+        main(["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path), "--model", "demo", "--dtype", "fp8",
+              "--device", "cpu"])
