@@ -21,10 +21,14 @@ from .imageio import read_image, write_image
 from .integrity import forget
 from .launch import start
 from .lora import apply_loras, load_lora
+from .fast import FAST_CHOICES, parse_fast
+from .fp8 import refusal as fp8_refusal
 from .offload import MODES
 from .pipeline import Resume, upscale
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# upscale only: fp8 is a way to run the weights (fp8.py), not a dtype to cast a file to.
+RUN_DTYPES = {**DTYPES, "fp8": torch.float8_e4m3fn}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -121,13 +125,16 @@ def _upscale_all(args, launch):
     from .checkpoint import load_model
 
     logging.basicConfig(level=logging.INFO if launch.rank == 0 else logging.WARNING, format="%(message)s")
-    dtype, device = DTYPES[args.dtype], launch.device
+    dtype, device = RUN_DTYPES[args.dtype], launch.device
+    if args.dtype == "fp8" and (problem := fp8_refusal(device)):
+        raise SystemExit(f"error: {problem}")  # before loading the weights
     args.model = resolve_model(args.model) if args.model else _default_model()
     model = load_model(args.model, dtype=dtype, device=device)
     apply_loras(model, [(load_lora(path), strength) for path, strength in args.lora], backup=False)
     block_batch = "auto" if args.block_batch == "auto" else int(args.block_batch)
     fixed_vector = _load_vector(args.clip_vector) if args.clip_vector else None
-    clip = None if fixed_vector is not None else _embedder(args, dtype, device)
+    clip = None if fixed_vector is not None else _embedder(args, torch.bfloat16 if args.dtype == "fp8" else dtype,
+                                                           device)
     paths = list(_inputs(args.inputs))
     if not paths:
         raise SystemExit("no input images found")
@@ -149,7 +156,8 @@ def _upscale_all(args, launch):
         progress = ProgressBar(name) if launch.rank == 0 else None
         result = upscale(model, image, scale=args.scale, clip_vector=vector, steps=args.steps, seed=args.seed,
                          lr_noise_init=not args.no_lr_init, block_batch=block_batch, callback=progress,
-                         offload=args.offload, group=launch.group if mode == "strips" else None, resume=resume)
+                         offload=args.offload, group=launch.group if mode == "strips" else None, resume=resume,
+                         fast=parse_fast(args.fast))
         if result is None:
             continue  # a strip rank other than 0: rank 0 writes the image
         target = args.output if single_file_out else os.path.join(args.output, f"{name}_x{args.scale:g}.png")
@@ -245,7 +253,9 @@ def main(argv=None):
     u.add_argument("--seed", type=int, default=0)
     u.add_argument("--block-batch", default="auto", help="'auto' or blocks per network call (1 = least memory)")
     u.add_argument("--no-lr-init", action="store_true", help="start from pure noise instead of LR + noise")
-    u.add_argument("--dtype", choices=sorted(DTYPES), default="fp32" if not torch.cuda.is_available() else "bf16")
+    u.add_argument("--dtype", choices=sorted(RUN_DTYPES), default="fp32" if not torch.cuda.is_available() else "bf16",
+                   help="weights: fp32, bf16, fp16, or fp8 (e4m3 with per-channel scales, bf16 activations; "
+                        "GPUs of compute capability 8.9+)")
     u.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     u.add_argument("--clip", help="CLIP weights (open_clip_pytorch_model.bin / .safetensors), or 'embedded' "
                                   "to use the image tower inside --model (the default when a .safetensors "
@@ -254,6 +264,9 @@ def main(argv=None):
     u.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="PNG bits per channel (16 for print work)")
     u.add_argument("--offload", choices=MODES, default="auto",
                    help="keep canvases (canvas) or canvases and K/V cache (all) in host memory; auto: only if needed")
+    u.add_argument("--fast", choices=list(FAST_CHOICES), default="auto",
+                   help="compile the network's layers (torch.compile): auto = on CUDA for large jobs (see "
+                        "docs/fast-path.md), on, off (the eager path)")
     u.add_argument("--parallel", choices=("auto", "images", "strips"), default="auto",
                    help="under torchrun: whole images per rank, or every image split in strips over the ranks; "
                         "auto: images when there are at least as many as ranks")

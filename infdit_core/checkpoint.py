@@ -20,6 +20,7 @@ import torch
 
 from .config import InfDiTConfig
 from .integrity import changed, sha256_file
+from .fp8 import ACTIVATIONS, FP8, quantize_model
 from .model import InfDiT
 
 OFFICIAL_WEIGHTS_URL = "https://cloud.tsinghua.edu.cn/f/6e313f7e1236468e973b/?dl=1"
@@ -207,6 +208,10 @@ def check_state_dict(sd: StateDict, name: str = "checkpoint", metadata: Optional
 
 def build_model(sd: StateDict, *, dtype=torch.float32, device="cpu", name="checkpoint",
                 metadata: Optional[Mapping[str, str]] = None) -> InfDiT:
+    """The model in `dtype`; torch.float8_e4m3fn: bf16 with the transformer's linear layers in fp8
+    (fp8.py; runs only on GPUs that support it, which `sample` checks)."""
+    quantised = dtype == FP8
+    dtype = ACTIVATIONS if quantised else dtype
     config = infer_config(sd, name, metadata)
     with torch.device("meta"):
         model = InfDiT(config)
@@ -221,7 +226,8 @@ def build_model(sd: StateDict, *, dtype=torch.float32, device="cpu", name="check
         model.load_state_dict(weights, strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"{name}: {e}") from None
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    return quantize_model(model) if quantised else model
 
 
 def load_model(source: Union[str, os.PathLike, StateDict], *, dtype=torch.float32, device="cpu") -> InfDiT:

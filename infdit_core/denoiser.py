@@ -10,7 +10,7 @@ from typing import Callable, Optional, Protocol, Union
 import torch
 
 from .config import SR_SCALE
-from .model import InfDiT
+from .model import InfDiT, LayerRunner
 from .offload import Placement
 from .strips import Block, StripSchedule
 from .uniba import BlockCanvas, KVCache, chunks
@@ -80,6 +80,8 @@ class BlockSweepDenoiser:
     it; x and the result are the canvases of the schedule's strip (the whole image unless the work
     is split over ranks), on the placement's canvas device.
 
+    layer_runner: how each network layer runs (None: eagerly; fast.CompiledLayers: compiled).
+
     reuse_output: each call writes its result into the memory of the previous call's result
     (which is then no longer valid), saving one canvas; for a caller that consumes each estimate
     before the next call, as the Heun sampler does."""
@@ -87,7 +89,7 @@ class BlockSweepDenoiser:
     def __init__(self, model: InfDiT, *, lr, concat_lr, clip_vector, block_batch: int = 1,
                  on_blocks: Optional[BlockHook] = None, schedule: Optional[StripSchedule] = None,
                  placement: Optional[Placement] = None, exchange: Optional[NeighbourExchange] = None,
-                 reuse_output: bool = False):
+                 reuse_output: bool = False, layer_runner: Optional[LayerRunner] = None):
         check_inputs(model, lr, concat_lr, clip_vector, schedule)
         if schedule is None:
             B, _, H, W = concat_lr.shape
@@ -102,6 +104,7 @@ class BlockSweepDenoiser:
         self.on_blocks = on_blocks
         self.exchange = exchange
         self.reuse_output = reuse_output
+        self.layer_runner = layer_runner
         self.last_cache: Optional[KVCache] = None  # kept for inspection (tests, benchmarks)
         # Blocks not yet denoised in the current call show the previous estimate (at first the
         # upsampled LR), so a preview of the canvas fills in block by block.
@@ -141,7 +144,7 @@ class BlockSweepDenoiser:
             # Official quirk (8.1-3): c_in scales the LR concat channels as well as the noisy image.
             # In place: the fresh block inputs are not needed unscaled once the skip term is taken.
             inputs.z.mul_(c_in[image])
-            net = model.forward_blocks(inputs, cond, cache).float()
+            net = model.forward_blocks(inputs, cond, cache, layer_runner=self.layer_runner).float()
             denoised = placement.to_canvas(skip + c_out[image] * net)
             self.canvas.write(out, where, denoised)
             del skip, net, denoised  # not held through the next call

@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 
 from .checkpoint import CheckpointError
 from .config import InfDiTConfig
+from .fp8 import is_fp8
 from .model import InfDiT
 from .resume import IDENTITY_ATTR
 
@@ -265,6 +266,8 @@ def apply_loras(model: InfDiT, loras: Sequence[tuple[Lora, float]], backup: bool
     keeps no copies (a model loaded for one job, as on the command line); its restore does nothing.
     A LoRA with strength 0 is skipped, so the weights stay bit-identical."""
     active = [(lora, float(strength)) for lora, strength in loras if strength != 0]
+    if active and is_fp8(model):
+        raise LoraError("LoRAs cannot be merged into fp8 weights; load the model with weight dtype bf16 to use them")
     for lora, _ in active:
         check_lora(model, lora)
     if any(True for _ in _attached(model)):

@@ -9,7 +9,8 @@ whole-image denoiser and the memory-bounded block sweep share every line of the 
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+import functools
+from typing import NamedTuple, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,12 @@ class NeighbourSource(Protocol):
         """Given this call's fresh keys/values [M, H, T, d] of `layer`, return the four neighbour
         slots (self, top-left, left, top) as [M, H, 4, T, d] keys and values (new tensors: the
         caller adds the slot offsets in place)."""
+
+
+class LayerRunner(Protocol):
+    def __call__(self, model: "InfDiT", index: int, h: torch.Tensor, mods: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, neighbours: NeighbourSource, inputs: BlockInputs) -> torch.Tensor:
+        """Layer `index` of `model` on the residual stream h [M, T, D], as InfDiT._layer computes it."""
 
 
 def modulate(x, shift, scale):
@@ -190,24 +197,26 @@ class InfDiT(nn.Module):
         final_mod = self.mixins.final_layer.adaLN_modulation(c)
         return Conditioning(layer_mod.view(B, -1, 4, D), final_mod.view(B, 2, D))
 
-    def forward_blocks(self, inputs: BlockInputs, cond: Conditioning,
-                       neighbours: NeighbourSource, checkpoint_layers: bool = False) -> torch.Tensor:
+    def forward_blocks(self, inputs: BlockInputs, cond: Conditioning, neighbours: NeighbourSource,
+                       checkpoint_layers: bool = False, layer_runner: Optional[LayerRunner] = None) -> torch.Tensor:
         """Network output F for M blocks: [M, out_channels, b, b] in the model dtype.
 
         checkpoint_layers: recompute each layer's activations in the backward pass instead of
-        keeping them (training: memory of one layer's activations instead of all of them)."""
+        keeping them (training: memory of one layer's activations instead of all of them).
+        layer_runner: runs each layer instead of `_layer` (the compiled fast path, fast.py)."""
         cfg = self.config
         h = self.mixins.patch_embed.proj(inputs.z.to(self.dtype)).flatten(2).transpose(1, 2)
         angles = rope_angles(inputs.rows, inputs.cols, cfg.head_dim, cfg.rope_size)[:, :, None]
         cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
         del angles
         mods = cond.layer_mod[inputs.batch_index]
+        run_layer = self._layer if layer_runner is None else functools.partial(layer_runner, self)
         for index in range(cfg.num_layers):
             if checkpoint_layers:
-                h = torch.utils.checkpoint.checkpoint(self._layer, index, h, mods, cos, sin, neighbours, inputs,
+                h = torch.utils.checkpoint.checkpoint(run_layer, index, h, mods, cos, sin, neighbours, inputs,
                                                       use_reentrant=False)
             else:
-                h = self._layer(index, h, mods, cos, sin, neighbours, inputs)
+                h = run_layer(index, h, mods, cos, sin, neighbours, inputs)
         shift, scale = cond.final_mod[inputs.batch_index].unbind(1)
         # Official quirk (8.1-5): SAT's final LayerNorm, then the final layer's own, both plain.
         y = self.mixins.final_layer.linear(modulate(self._ln(self._ln(h)), shift, scale))

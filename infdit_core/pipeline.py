@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from .config import SR_SCALE
 from .denoiser import BlockSweepDenoiser, canvas_shape
+from .fast import parse_fast, resolve_fast
+from .fp8 import check_supported as check_fp8_supported, is_fp8
 from .distributed import (AUTO, StripExchange, broadcast_from_first, cpu_group, gather_strips, resolve_group,
                           world_and_rank)
 from .memory import choose_block_batch, default_budget, empty_cache, is_out_of_memory, resolve_execution
@@ -120,8 +122,8 @@ def _report_progress(callback: ProgressCallback, denoiser: BlockSweepDenoiser, r
 def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_STEPS,
            noise: Optional[torch.Tensor] = None, seed: Optional[int] = None, lr_noise_init: bool = True,
            block_batch: Union[int, str] = "auto", callback: Optional[ProgressCallback] = None,
-           offload: Union[str, Placement] = "auto", group=AUTO, resume: Optional[Resume] = None
-           ) -> Optional[torch.Tensor]:
+           offload: Union[str, Placement] = "auto", group=AUTO, resume: Optional[Resume] = None,
+           fast: Union[str, bool] = "auto") -> Optional[torch.Tensor]:
     """x at sigma = 0, [B, 3, H, W] in [-1, 1] (float32). `noise` is the unit Gaussian eps of the
     whole canvas; when None it is drawn block by block from `seed` (0 if None). Over several ranks,
     concat_lr may be each rank's strip of the canvas (see strip_of), so no rank holds it whole.
@@ -129,7 +131,12 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
     offload: auto/off/canvas/all or a Placement (offload.py). group: the process group whose ranks
     share the image in strips (strips.py): by default the initialised default group, if any; None
     for this process alone. Every rank calls sample with the same arguments; rank 0 returns the
-    image, the other ranks None. resume: checkpoint the state and continue a job found there."""
+    image, the other ranks None. resume: checkpoint the state and continue a job found there.
+    fast: compile the network's layers (fast.py): True, False, or auto (on CUDA, for jobs large
+    enough to repay the compile time); the same image either way, to float rounding."""
+    fast = parse_fast(fast)
+    if is_fp8(model):
+        check_fp8_supported(model.device)
     group = resolve_group(group)
     world, rank = world_and_rank(group)
     shape = canvas_shape(lr, concat_lr, world)
@@ -151,8 +158,9 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
                                     seed=seed, noise=noise, lr_noise_init=lr_noise_init)
         store = StateStore(resume.directory, key, schedule, s, shape, resume.interval,
                            group=cpu_group(group) if group is not None else None, max_bytes=resume.max_bytes)
+    runner = resolve_fast(fast, model.device, block_evaluations=network_calls(steps) * len(schedule.order))
     denoiser = BlockSweepDenoiser(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, block_batch=batch,
-                                  schedule=schedule, placement=placement, reuse_output=True)
+                                  schedule=schedule, placement=placement, reuse_output=True, layer_runner=runner)
     sigmas = karras_sigmas(steps).to(placement.canvas)
     start, x = 0, None
     if store is not None and (found := store.load()) is not None:
@@ -274,14 +282,15 @@ def _upscale_rgb(model, rgb, out_hw, *, resume: Optional[Resume], keep: list, **
 def upscale(model: InfDiT, image: torch.Tensor, *, scale: float = 4.0, clip_vector=None,
             steps: int = DEFAULT_STEPS, seed: int = 0, lr_noise_init: bool = True,
             block_batch: Union[int, str] = "auto", callback: Optional[ProgressCallback] = None,
-            offload: str = "auto", group=AUTO, resume: Optional[Resume] = None) -> Optional[torch.Tensor]:
+            offload: str = "auto", group=AUTO, resume: Optional[Resume] = None,
+            fast: Union[str, bool] = "auto") -> Optional[torch.Tensor]:
     """Upscale `image` [B, C, h, w] in [0, 1] (C = 1, 3 or 4) to [B, C, round(h*scale), round(w*scale)].
 
     Scales above 4 run as a chain of passes (`chain_factors`). Alpha is resized bicubically on its
     own; grayscale (one channel, or three equal ones) runs as RGB and is averaged back.
     `clip_vector` [B, vector_dim] is the semantic embedding of the input (see clip.py); without one
-    a zero vector is used, with a warning. offload, group and resume as in `sample`: over several
-    ranks, rank 0 returns the image and the others None."""
+    a zero vector is used, with a warning. offload, group, resume and fast as in `sample`: over
+    several ranks, rank 0 returns the image and the others None."""
     B, C, h, w = image.shape
     if C not in (1, 3, 4):
         raise ValueError(f"image must have 1, 3 or 4 channels, got {C}")
@@ -304,7 +313,7 @@ def upscale(model: InfDiT, image: torch.Tensor, *, scale: float = 4.0, clip_vect
         last = n + 1 == len(factors)
         rgb = _upscale_rgb(model, rgb.float(), out_hw, clip_vector=clip_vector, steps=steps, seed=seed,
                            lr_noise_init=lr_noise_init, block_batch=block_batch, callback=callback,
-                           offload=offload, group=group, keep=kept,
+                           offload=offload, group=group, keep=kept, fast=fast,
                            resume=resume if resume is None or last else replace(resume, keep_result=True))
         if group is not None and not last:
             rgb = broadcast_from_first(rgb, (B, 3, *out_hw), group)  # the next pass starts from it everywhere

@@ -10,6 +10,7 @@ from ..infdit_core import CheckpointError, ClipEmbedder, InfDiT, load_clip
 from ..infdit_core.clip import has_image_tower, no_image_tower_message
 from ..infdit_core.checkpoint import (CLIP_VISUAL_PREFIX, DEMO_MODEL, OFFICIAL_WEIGHTS_URL, build_model,
                                       missing_weights_message, read_state_dict)
+from ..infdit_core.fp8 import check_supported as check_fp8_supported
 from . import comfy_bridge as bridge
 from .weights_download import DOWNLOAD_ENTRY, download_weights, model_choices as _weights_choices
 
@@ -19,7 +20,8 @@ EMBEDDED_CLIP = "embedded in the Inf-DiT checkpoint"
 # The small demonstration model inside the pack (infdit_core/demo/README.md): always listed, so a
 # fresh install can upscale without any download. Far below the released model.
 DEMO_ENTRY = "demo: small model shipped with the pack (not the released weights)"
-WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+                 "fp8": torch.float8_e4m3fn}
 
 bridge.register_model_folder()
 
@@ -74,6 +76,8 @@ def load_infdit(model_name: str, weight_dtype: str = "auto") -> InfDiTModel:
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     device, offload = bridge.compute_device(), bridge.offload_device()
     dtype = WEIGHT_DTYPES[weight_dtype] or bridge.auto_dtype(device)
+    if weight_dtype == "fp8":
+        check_fp8_supported(device)  # before reading gigabytes for nothing
     try:
         sd, metadata = read_state_dict(path)
         # Built on the offload device: ComfyUI's memory manager moves it when a run needs it.
@@ -134,7 +138,9 @@ class InfDiTModelLoader:
             "weight_dtype": (list(WEIGHT_DTYPES), {
                 "default": "auto",
                 "tooltip": "Precision of the weights. auto: bf16 (what Inf-DiT was trained in) where the GPU supports "
-                           "it, else fp16, fp32 on CPU. bf16/fp16 halve the memory of fp32."}),
+                           "it, else fp16, fp32 on CPU. bf16/fp16 halve the memory of fp32. fp8: the transformer's weights in "
+                           "e4m3 with per-channel scales (about half the memory of bf16, not faster; GPUs of compute "
+                           "capability 8.9+ only, no LoRAs)."}),
         }}
 
     @classmethod

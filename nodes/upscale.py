@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..infdit_core import upscale
+from ..infdit_core.fast import FAST_CHOICES, parse_fast
 from ..infdit_core.lora import apply_loras
 from ..infdit_core.memory import is_out_of_memory, resolve_execution
 from ..infdit_core.offload import MODES
@@ -92,7 +93,7 @@ def _resume_for(resume: str, out_hw) -> Resume | None:
 
 def run_upscale(model: InfDiTModel, image: torch.Tensor, scale: float = 4.0, steps: int = DEFAULT_STEPS,
                 seed: int = 0, block_batch: int = 0, lr_noise_init: bool = True, embed=None, clip=None,
-                offload: str = "auto", resume: str = "auto") -> torch.Tensor:
+                offload: str = "auto", resume: str = "auto", fast: str = "auto") -> torch.Tensor:
     """IMAGE [B,H,W,C] -> IMAGE [B,round(H*scale),round(W*scale),C]; block_batch 0 = auto."""
     problem = _check_scale(scale)
     if problem:
@@ -111,7 +112,7 @@ def run_upscale(model: InfDiTModel, image: torch.Tensor, scale: float = 4.0, ste
                       clip_vector=clip_vector, steps=steps, seed=seed, lr_noise_init=lr_noise_init,
                       block_batch=bb,
                       callback=bridge.ProgressReporter(out_hw), offload=placement.mode, group=None,
-                      resume=_resume_for(resume, out_hw))
+                      resume=_resume_for(resume, out_hw), fast=parse_fast(fast))
     except Exception as error:
         if isinstance(error, OutOfMemory) or is_out_of_memory(error):
             raise bridge.InfDiTOutOfMemory(_out_of_memory_advice(out_hw, batch, network.dtype, placement.mode)) \
@@ -181,6 +182,11 @@ class InfDiTUpscale:
                     "tooltip": "auto: outputs of 2048² and more checkpoint their progress in ComfyUI's temp folder, "
                                "so cancelling and queueing again continues where it stopped (same image). "
                                "off: always start from the first step."}),
+                "fast": (list(FAST_CHOICES), {
+                    "default": "auto",
+                    "tooltip": "Compile the network's layers (torch.compile) for speed; the same image to float "
+                               "rounding. auto: on a CUDA GPU for outputs large enough to repay the one-off "
+                               "compile (about a minute, once per ComfyUI session); on / off: always / never."}),
             },
             "optional": {
                 "embed": ("INFDIT_EMBED", {
@@ -199,8 +205,9 @@ class InfDiTUpscale:
         return True if scale is None else (_check_scale(scale) or True)
 
     def upscale(self, model, image, scale, steps, seed, block_batch, lr_noise_init, offload="auto", resume="auto",
-                embed=None, clip=None, mask=None):
-        out = run_upscale(model, image, scale, steps, seed, block_batch, lr_noise_init, embed, clip, offload, resume)
+                fast="auto", embed=None, clip=None, mask=None):
+        out = run_upscale(model, image, scale, steps, seed, block_batch, lr_noise_init, embed, clip, offload, resume,
+                          fast)
         return out, upscale_mask(mask, tuple(out.shape[1:3]), out.shape[0])
 
 

@@ -128,12 +128,12 @@ class OutOfMemoryInjector:
         self.failures = 0
 
     def __enter__(self):
-        def forward_blocks(inputs, cond, cache):
+        def forward_blocks(inputs, cond, cache, **options):
             if inputs.z.shape[0] > self.limit or (self.until_spilled and cache.placement is None):
                 self.failures += 1
                 raise self.error("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2147483648 bytes"
                                  if self.error is RuntimeError else "CUDA out of memory. Tried to allocate 2.00 GiB")
-            return self.original(inputs, cond, cache)
+            return self.original(inputs, cond, cache, **options)
         self.model.forward_blocks = forward_blocks
         return self
 

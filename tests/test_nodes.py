@@ -83,7 +83,7 @@ def test_fixed_interfaces(models_dir):
     assert order("InfDiTClipEmbed") == (["image", "clip", "positive", "negative", "strength"],
                                         ["reference_image", "reference_weight"])
     assert order("InfDiTUpscale") == (["model", "image", "scale", "steps", "seed", "block_batch", "lr_noise_init",
-                                       "offload", "resume"],
+                                       "offload", "resume", "fast"],
                                       ["embed", "clip", "mask"])
     assert [NODES[n].RETURN_TYPES for n in OUR_NODES] == [("INFDIT_MODEL",), ("INFDIT_CLIP",), ("INFDIT_EMBED",),
                                                            ("IMAGE", "MASK")]
@@ -93,7 +93,7 @@ def test_fixed_interfaces(models_dir):
     loader = NODES["InfDiTModelLoader"].INPUT_TYPES()["required"]
     assert loader["model_name"][0] == ["tiny_model.safetensors", "tiny_with_clip.safetensors",
                                        "demo: small model shipped with the pack (not the released weights)"]
-    assert loader["weight_dtype"][0] == ["auto", "bf16", "fp16", "fp32"]
+    assert loader["weight_dtype"][0] == ["auto", "bf16", "fp16", "fp32", "fp8"]
     clip_names = NODES["InfDiTClipLoader"].INPUT_TYPES()["required"]["clip_name"][0]
     # tiny_model.safetensors holds no CLIP image tower: not offered.
     assert clip_names == ["embedded in the Inf-DiT checkpoint", "tiny_clip.safetensors", "tiny_with_clip.safetensors"]

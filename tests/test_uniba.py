@@ -208,9 +208,9 @@ def test_one_block_network_call_holds_only_the_accounted_activations(monkeypatch
     peaks = []
     forward = InfDiT.forward_blocks
 
-    def tracked(self, *args):
+    def tracked(self, *args, **options):
         with LiveTensorBytes() as live:
-            result = forward(self, *args)
+            result = forward(self, *args, **options)
         peaks.append(live.peak)
         return result
 

@@ -106,7 +106,7 @@ def test_upscale_widgets_are_the_fixed_interface():
     for path in WORKFLOWS:
         for node in json.loads(path.read_text())["nodes"]:
             if node["type"] == "InfDiTUpscale" and path.stem != HIDIFFUSION:
-                assert node["widgets_values"] == [4.0, 20, 0, "fixed", 0, True, "auto", "auto"], path.name
+                assert node["widgets_values"] == [4.0, 20, 0, "fixed", 0, True, "auto", "auto", "auto"], path.name
 
 
 # --- running a workflow's graph on the tiny model ----------------------------------------------
