@@ -148,12 +148,14 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
     return x
 
 
-UNIPC_VARIANT = "bh2"  # B(h) = expm1(-h), the default of diffusers' UniPCMultistepScheduler
+# UniPC's B(h) in data prediction is bh2's expm1(-h) (diffusers' default). bh1 (B(h) = -h) lost
+# 3 dB PSNR at 10 steps with the demo model on this schedule, whose first steps are long in log sigma.
 
 
 def _unipc_coefficients(h: float, r1: float) -> tuple[float, float, float]:
-    """(B(h), rho_0, rho_1) of UniPC-2 in data prediction: the corrector's weights of the earlier
-    difference D1 and of the new one (Zhao et al. 2023, Alg. 2 with B(h) = expm1(-h))."""
+    """(B(h), rho_0, rho_1) of UniPC-2 (bh2) in data prediction: the corrector's weights of the
+    earlier difference D1 and of the new one (Zhao et al. 2023, Alg. 2; diffusers'
+    multistep_uni_c_bh_update)."""
     hh = -h
     h_phi_1 = math.expm1(hh)
     b_h = h_phi_1
@@ -200,7 +202,7 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
                     x = m2.sub(m1).mul_(b_h * (0.5 - rho0) / r1).add_(m0, alpha=-weight).add_(m1, alpha=weight).add_(x)
             m2 = None  # the predictor needs the last two estimates only
             # UniP: predict the next point from the estimates at sigma_i and sigma_{i-1}:
-            # (sigma_next / sigma) x - phi m0 - phi / 2 * (m1 - m0) / r1, phi = expm1(-h).
+            # (sigma_next / sigma) x - phi m0 - phi / 2 * (m1 - m0) / r1, phi = B(h) = expm1(-h).
             h = _lambda(s[i + 1]) - _lambda(s[i])
             phi = math.expm1(-h)
             step = m0.mul(-phi)
@@ -219,11 +221,20 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
 # --- output-level forecasting ---------------------------------------------------------------------
 
 
-def forecast_schedule(calls: int, order: int, interval: int) -> list[bool]:
-    """Which of `calls` denoiser calls run the network: the first order + 1 (to start the
-    polynomial), then every `interval`-th, and always the last (the ODE's end point is that
-    estimate)."""
-    return [k <= order or (k - order) % interval == 0 or k == calls - 1 for k in range(calls)]
+def forecast_schedule(calls: int, order: int, interval: int, last: bool = True) -> list[bool]:
+    """Which of `calls` denoiser calls run the network: the first order + 1 (the polynomial needs
+    them), then every `interval`-th, and the last one if `last`. That last call, at sigma_min, is
+    the one step into sigma = 0: the network's share of D there is c_out ~ sigma_min, so forecasting
+    it costs little."""
+    first = order + 1
+    computed = [k < first or (k - first + 1) % interval == 0 for k in range(calls)]
+    computed[-1] = last or calls - 1 < first  # a forecast needs order + 1 computed calls before it
+    return computed
+
+
+# The forecast's time variables: "ramp" is sigma^(1/rho), in which the Karras schedule is evenly
+# spaced (a Taylor series in the step index, as TaylorSeer's); "log_sigma" is DPM-Solver's time.
+FORECAST_TIMES = {"ramp": lambda sigma: sigma ** (1 / RHO), "log_sigma": math.log}
 
 
 def extrapolate(points: Sequence[tuple[float, torch.Tensor]], t: float) -> torch.Tensor:
@@ -241,16 +252,18 @@ def extrapolate(points: Sequence[tuple[float, torch.Tensor]], t: float) -> torch
 
 class ForecastDenoiser:
     """A denoiser that runs the network only on the calls `computed` marks and forecasts the
-    others: the polynomial of degree `order` in log(sigma) through the last order + 1 computed
-    estimates. Only those estimates are kept (canvases: O(side) memory, no per-layer features).
+    others: the polynomial of degree `order` in the calls' times through the last order + 1
+    computed estimates. Only those estimates are kept (canvases: O(side) memory, no per-layer
+    features).
 
-    `call_sigmas` are the sigmas of the calls in order (known before the run); `start_call` and
-    `cache` resume it (cache: the kept estimates, oldest first, see `kept_calls`)."""
+    `call_times` are the times of the calls in order (known before the run: a function of their
+    sigmas); `start_call` and `cache` resume it (cache: the kept estimates, oldest first, see
+    `kept_calls`)."""
 
-    def __init__(self, denoiser: Denoiser, call_sigmas: Sequence[float], computed: Sequence[bool], order: int,
+    def __init__(self, denoiser: Denoiser, call_times: Sequence[float], computed: Sequence[bool], order: int,
                  start_call: int = 0, cache: Sequence[torch.Tensor] = ()):
         self.denoiser, self.computed, self.order = denoiser, list(computed), order
-        self.times = [math.log(v) for v in call_sigmas]
+        self.times = list(call_times)
         self.call = start_call
         kept = kept_calls(self.computed, order, start_call)
         if len(cache) != len(kept):
@@ -304,15 +317,16 @@ def _one_call_per_step(steps: int) -> list[int]:
     return [1] * steps
 
 
-def forecasting(base: Callable[..., torch.Tensor], order: int, interval: int):
+def forecasting(base: Callable[..., torch.Tensor], order: int, interval: int, last: bool = True, time: str = "ramp"):
     """`base` (a one-call-per-step sampler) over a ForecastDenoiser: its history gains the kept
     estimates ("forecast.0" oldest, ...)."""
+    to_time = FORECAST_TIMES[time]
+
     def run(denoiser, x, sigmas, on_step=None, start=0, on_step_end=None, history=None):
         history = dict(history or {})
-        calls = len(sigmas) - 1
-        cache = [history.pop(f"forecast.{n}") for n in range(len(kept_calls(
-            forecast_schedule(calls, order, interval), order, start)))]
-        forecaster = ForecastDenoiser(denoiser, _floats(sigmas[:-1]), forecast_schedule(calls, order, interval), order,
+        schedule = forecast_schedule(len(sigmas) - 1, order, interval, last)
+        cache = [history.pop(f"forecast.{n}") for n in range(len(kept_calls(schedule, order, start)))]
+        forecaster = ForecastDenoiser(denoiser, [to_time(v) for v in _floats(sigmas[:-1])], schedule, order,
                                       start_call=start, cache=cache)
 
         def step_end(i, x_i, base_history):
@@ -322,11 +336,10 @@ def forecasting(base: Callable[..., torch.Tensor], order: int, interval: int):
     return run
 
 
-def _forecast_calls(order: int, interval: int):
-    return lambda steps: [int(c) for c in forecast_schedule(steps, order, interval)]
+def _forecast_calls(order: int, interval: int, last: bool = True):
+    return lambda steps: [int(c) for c in forecast_schedule(steps, order, interval, last)]
 
 
-FORECAST_ORDER, FORECAST_INTERVAL = 1, 2
 SAMPLERS = {
     "heun": Sampler("heun", _sample_heun, lambda steps: [2] * (steps - 1) + [1], 5,
                     "EDM Heun, second order, 2 calls a step (the official sampler)"),
@@ -335,10 +348,14 @@ SAMPLERS = {
                         "DPM-Solver++(2M), second-order multistep, 1 call a step"),
     "unipc": Sampler("unipc", sample_unipc, _one_call_per_step, 7,
                      "UniPC-2 (bh2) predictor-corrector, 1 call a step"),
+    # Forecast settings picked in a pilot on the demo model (docs/samplers.md).
     "dpmpp_2m_forecast": Sampler(
-        "dpmpp_2m_forecast", forecasting(sample_dpmpp_2m, FORECAST_ORDER, FORECAST_INTERVAL),
-        _forecast_calls(FORECAST_ORDER, FORECAST_INTERVAL), 8,
-        "DPM-Solver++(2M) whose every other call is forecast from the last two estimates"),
+        "dpmpp_2m_forecast", forecasting(sample_dpmpp_2m, order=1, interval=2), _forecast_calls(1, 2), 8,
+        "DPM-Solver++(2M), every other call forecast (linear in the step) from the last two estimates"),
+    "dpmpp_2m_forecast_end": Sampler(
+        "dpmpp_2m_forecast_end", forecasting(sample_dpmpp_2m, order=2, interval=1, last=False),
+        _forecast_calls(2, 1, last=False), 8,
+        "DPM-Solver++(2M) whose last call (sigma_min -> 0) is forecast (quadratic in the step)"),
 }
 
 
