@@ -296,7 +296,10 @@ class Sampler:
     """A sampler by name: `run` has sample_euler's signature, `step_calls(steps)` says how many
     network calls each step makes (known before the run: progress, planner and resume use it),
     `canvases` how many float32 canvases it holds at its peak with the concat LR and the denoiser's
-    estimate (memory.plan; measured in tests/test_sampling.py)."""
+    estimate (memory.plan; measured in tests/test_sampling.py): Heun x, LR, estimate, derivative,
+    Euler point; Euler x, LR, estimate, derivative (the result in place); DPM++ x, LR, estimate,
+    the previous estimate, the result; UniPC two previous estimates and the corrected point more
+    than Euler; forecasting adds the kept estimates (order + 1) to its base sampler's."""
     name: str
     run: Callable[..., torch.Tensor]
     step_calls: Callable[[int], list[int]]
@@ -307,9 +310,17 @@ class Sampler:
         return sum(self.step_calls(steps))
 
 
+def _handed_over(x: torch.Tensor) -> list:
+    """x in a list the callee pops: a wrapper that passed x on directly would hold the starting
+    canvas for the whole run (one canvas more than the planner counts)."""
+    return [x]
+
+
 def _sample_heun(denoiser, x, sigmas, on_step=None, start=0, on_step_end=None, history=None):
     # The official sampler, untouched: its state is x alone.
-    return sample_heun(denoiser, x, sigmas, on_step=on_step, start=start,
+    begin = _handed_over(x)
+    del x
+    return sample_heun(denoiser, begin.pop(), sigmas, on_step=on_step, start=start,
                        on_step_end=None if on_step_end is None else lambda i, x_i: on_step_end(i, x_i, {}))
 
 
@@ -331,7 +342,9 @@ def forecasting(base: Callable[..., torch.Tensor], order: int, interval: int, la
 
         def step_end(i, x_i, base_history):
             on_step_end(i, x_i, {**base_history, **{f"forecast.{n}": e for n, e in enumerate(forecaster.cache())}})
-        return base(forecaster, x, sigmas, on_step=on_step, start=start, history=history,
+        begin = _handed_over(x)
+        del x
+        return base(forecaster, begin.pop(), sigmas, on_step=on_step, start=start, history=history,
                     on_step_end=None if on_step_end is None else step_end)
     return run
 
@@ -344,7 +357,7 @@ SAMPLERS = {
     "heun": Sampler("heun", _sample_heun, lambda steps: [2] * (steps - 1) + [1], 5,
                     "EDM Heun, second order, 2 calls a step (the official sampler)"),
     "euler": Sampler("euler", sample_euler, _one_call_per_step, 4, "Euler, first order, 1 call a step"),
-    "dpmpp_2m": Sampler("dpmpp_2m", sample_dpmpp_2m, _one_call_per_step, 6,
+    "dpmpp_2m": Sampler("dpmpp_2m", sample_dpmpp_2m, _one_call_per_step, 5,
                         "DPM-Solver++(2M), second-order multistep, 1 call a step"),
     "unipc": Sampler("unipc", sample_unipc, _one_call_per_step, 7,
                      "UniPC-2 (bh2) predictor-corrector, 1 call a step"),
@@ -354,7 +367,7 @@ SAMPLERS = {
         "DPM-Solver++(2M), every other call forecast (linear in the step) from the last two estimates"),
     "dpmpp_2m_forecast_end": Sampler(
         "dpmpp_2m_forecast_end", forecasting(sample_dpmpp_2m, order=2, interval=1, last=False),
-        _forecast_calls(2, 1, last=False), 8,
+        _forecast_calls(2, 1, last=False), 9,
         "DPM-Solver++(2M) whose last call (sigma_min -> 0) is forecast (quadratic in the step)"),
 }
 
