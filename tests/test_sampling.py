@@ -282,3 +282,25 @@ def test_block_noise_key_names_seed_image_row_and_column():
     digest = hashlib.sha256(b"infdit-noise:3:1:0:2").digest()
     expected = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
     assert torch.equal(sampling.block_noise(3, Block(1, 0, 2), 8), expected)
+
+
+# --- the command line --------------------------------------------------------------------------------
+
+
+def test_cli_takes_a_preset_or_a_sampler_with_steps(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from infdit_core import __main__ as cli
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 16, 3)).astype(np.uint8)).save(tmp_path / "in.png")
+    used = []
+    real = cli.upscale
+    monkeypatch.setattr(cli, "upscale", lambda *a, **k: used.append((k["sampler"], k["steps"])) or real(*a, **k))
+    base = ["upscale", str(tmp_path / "in.png"), "--model", "demo", "--device", "cpu", "--dtype", "fp32"]
+    cli.main(base + ["-o", str(tmp_path / "a.png"), "--preset", "fast"])
+    cli.main(base + ["-o", str(tmp_path / "b.png"), "--sampler", "unipc", "--steps", "3"])
+    cli.main(base + ["-o", str(tmp_path / "c.png"), "--steps", "2"])  # as before: Heun for --steps
+    assert used == [PRESETS["fast"], ("unipc", 3), ("heun", 2)]
+    with pytest.raises(SystemExit, match="give either --preset or --sampler/--steps"):
+        cli.main(base + ["-o", str(tmp_path / "d.png"), "--preset", "fast", "--steps", "4"])
