@@ -258,6 +258,19 @@ def test_a_checkpoint_of_another_sampler_is_another_job(model, tmp_path):
     assert keys["heun"] == job_key(model, **inputs, steps=6, seed=0, noise=None, lr_noise_init=True)
 
 
+# --- offload -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", MULTISTEP + ["euler"])
+def test_offloaded_runs_equal_the_plain_run(model, sampler):
+    from infdit_core.offload import Placement
+
+    common = dict(condition(1, 2, 3, seed=6), steps=5, sampler=sampler, seed=2, block_batch=1)
+    reference = sample(model, offload="off", **common)
+    for offload in ["canvas", "all", Placement.for_mode("all", "cpu", 0)]:
+        assert torch.equal(sample(model, offload=offload, **common), reference), (sampler, offload)
+
+
 # --- noise keyed per image and block ---------------------------------------------------------------
 
 
