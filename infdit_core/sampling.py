@@ -232,9 +232,11 @@ def forecast_schedule(calls: int, order: int, interval: int, last: bool = True) 
     return computed
 
 
-# The forecast's time variables: "ramp" is sigma^(1/rho), in which the Karras schedule is evenly
-# spaced (a Taylor series in the step index, as TaylorSeer's); "log_sigma" is DPM-Solver's time.
-FORECAST_TIMES = {"ramp": lambda sigma: sigma ** (1 / RHO), "log_sigma": math.log}
+def forecast_time(sigma: float) -> float:
+    """The forecast's time: sigma^(1/rho), in which the Karras schedule is evenly spaced (a Taylor
+    series in the step index, as TaylorSeer's). log(sigma), DPM-Solver's time, forecast worse in a
+    pilot with the demo model (docs/samplers.md)."""
+    return sigma ** (1 / RHO)
 
 
 def extrapolate(points: Sequence[tuple[float, torch.Tensor]], t: float) -> torch.Tensor:
@@ -328,16 +330,14 @@ def _one_call_per_step(steps: int) -> list[int]:
     return [1] * steps
 
 
-def forecasting(base: Callable[..., torch.Tensor], order: int, interval: int, last: bool = True, time: str = "ramp"):
+def forecasting(base: Callable[..., torch.Tensor], order: int, interval: int, last: bool = True):
     """`base` (a one-call-per-step sampler) over a ForecastDenoiser: its history gains the kept
     estimates ("forecast.0" oldest, ...)."""
-    to_time = FORECAST_TIMES[time]
-
     def run(denoiser, x, sigmas, on_step=None, start=0, on_step_end=None, history=None):
         history = dict(history or {})
         schedule = forecast_schedule(len(sigmas) - 1, order, interval, last)
         cache = [history.pop(f"forecast.{n}") for n in range(len(kept_calls(schedule, order, start)))]
-        forecaster = ForecastDenoiser(denoiser, [to_time(v) for v in _floats(sigmas[:-1])], schedule, order,
+        forecaster = ForecastDenoiser(denoiser, [forecast_time(v) for v in _floats(sigmas[:-1])], schedule, order,
                                       start_call=start, cache=cache)
 
         def step_end(i, x_i, base_history):
