@@ -156,8 +156,8 @@ def _upscale_all(args, launch):
         # Progress from one process only: rank 0 (its strip paces the pipeline) or, with whole
         # images per rank, rank 0's own images.
         progress = ProgressBar(name) if launch.rank == 0 else None
-        result = upscale(model, image, scale=args.scale, clip_vector=vector, steps=steps, sampler=sampler, seed=args.seed,
-                         lr_noise_init=not args.no_lr_init, block_batch=block_batch, callback=progress,
+        result = upscale(model, image, scale=args.scale, clip_vector=vector, steps=steps, sampler=sampler,
+                         seed=args.seed, lr_noise_init=not args.no_lr_init, block_batch=block_batch, callback=progress,
                          offload=args.offload, group=launch.group if mode == "strips" else None, resume=resume)
         if result is None:
             continue  # a strip rank other than 0: rank 0 writes the image

@@ -1,7 +1,8 @@
 """From an image to an upscaled image: resizing, padding to the block grid, sampling, cropping back.
 
-`sample` runs an EDM sampler (the official Heun by default, see sampling.SAMPLERS) over the block-sweep denoiser with progress hooks and out-of-memory
-back-off; `upscale` prepares the inputs for any size, scale, batch and channel count.
+`sample` runs an EDM sampler (the official Heun by default, see sampling.SAMPLERS) over the
+block-sweep denoiser with progress hooks and out-of-memory back-off; `upscale` prepares the inputs
+for any size, scale, batch and channel count.
 """
 from __future__ import annotations
 
@@ -118,7 +119,8 @@ def _report_progress(callback: ProgressCallback, denoiser: BlockSweepDenoiser, r
 
 
 def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_STEPS,
-           sampler: str = DEFAULT_SAMPLER, noise: Optional[torch.Tensor] = None, seed: Optional[int] = None, lr_noise_init: bool = True,
+           sampler: str = DEFAULT_SAMPLER, noise: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+           lr_noise_init: bool = True,
            block_batch: Union[int, str] = "auto", callback: Optional[ProgressCallback] = None,
            offload: Union[str, Placement] = "auto", group=AUTO, resume: Optional[Resume] = None
            ) -> Optional[torch.Tensor]:

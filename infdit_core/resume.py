@@ -2,12 +2,12 @@
 
 Between Heun steps the whole state of a job is the canvas x and the step index (the noise is a
 pure function of the seed), so a checkpoint is x after a finished step; a multistep sampler adds its
-history (earlier estimates, canvases shaped like x: see sampling.py), stored beside x as "h.<name>". It is written atomically
-(temporary file, fsync, rename) as a safetensors file with a SHA-256 of its bytes, under a key that
-identifies the job's result: the weights, their dtype, the inputs (LR and concat LR, which carry the
-image, the scale and the output size), the CLIP vector, the steps, the sampler, the seed (or the
-explicit noise) and lr_noise_init. Block batch, device, world size and placement change where the work runs, not
-the result, and stay out of the key.
+history (earlier estimates, canvases shaped like x: see sampling.py), stored beside x as
+"h.<name>". It is written atomically (temporary file, fsync, rename) as a safetensors file with a
+SHA-256 of its bytes, under a key that identifies the job's result: the weights, their dtype, the
+inputs (LR and concat LR, which carry the image, the scale and the output size), the CLIP vector,
+the steps, the sampler, the seed (or the explicit noise) and lr_noise_init. Block batch, device,
+world size and placement change where the work runs, not the result, and stay out of the key.
 
 Each rank writes the region of the canvas it sweeps (its strip along the strip axis) and restores
 its region from whatever files of one step cover it, so a job may resume with another number of

@@ -4,14 +4,13 @@ import hashlib
 import logging
 import math
 import os
-import warnings
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import condition, random_inputs
+from conftest import condition
 from infdit_core import load_model, sample
 from infdit_core import memory, sampling
 from infdit_core.pipeline import Resume
@@ -169,7 +168,8 @@ class LiveCanvases(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs \
                     and t.untyped_storage().nbytes() >= self.canvas_bytes:

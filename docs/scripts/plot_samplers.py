@@ -45,7 +45,8 @@ def main(path: Path = DEFAULT, out: Path = OUT) -> None:
         if outside:
             c, d = outside[-1]
             left.annotate(f"{name}: {min(deltas):+.2f} ... {max(deltas):+.2f} dB, off the axis",
-                          (c, HIGH if d > HIGH else LOW), textcoords="offset points", xytext=(-60, -12 if d > HIGH else 6),
+                          (c, HIGH if d > HIGH else LOW), textcoords="offset points",
+                          xytext=(-60, -12 if d > HIGH else 6),
                           fontsize=7, color=line.get_color())
         for preset, (sampler, steps) in PRESETS.items():
             row = next((r for r in mine if r["sampler"] == sampler and r["steps"] == steps), None)
