@@ -97,7 +97,7 @@ def bench(size: int, repeat: int, folder: str) -> dict:
         os.remove(scratch)
     memory = peak_growth(lambda: store.save(repeat, x))
     started = time.perf_counter()
-    step, restored = store.load()
+    step, restored, _ = store.load()
     load = time.perf_counter() - started
     assert step == repeat and torch.equal(restored, x)
     store.finish()

@@ -1,6 +1,8 @@
 """Image quality of 4x upscales against ground truth: PSNR and SSIM of a model next to bicubic.
 
     python benchmarks/quality.py --model demo --photos <folder> [--steps 20] [--crops out.png]
+    python benchmarks/quality.py --model demo --photos <folder> --sweep [--crop 256] [--json out.json]
+    python benchmarks/quality.py --model demo --photos <folder> --presets [--repeat 3]
 
 For every photo in <folder> (the held-out photos of benchmarks/demo_data.py: never seen in
 training), the ground truth is the photo cropped to a multiple of 4, the input its bicubic 4x
@@ -12,10 +14,19 @@ quantised to 8 bits as a saved PNG would be. Metrics, with the usual super-resol
   the mean over R, G, B, same border.
 It prints one table (per photo and the mean), the wall time of each candidate measured in the same
 run, and writes side-by-side crops (ground truth | bicubic | model) as a PNG.
+
+--sweep measures the samplers instead (infdit_core.sampling.SAMPLERS): for each sampler and each
+network-call budget (39, the official 20 Heun steps, down to 6), the most steps that fit the budget;
+it prints the mean scores over the photos, their difference from the official sampler's (Heun 20,
+39 calls) and the wall time of each, all measured in the same run. --presets measures the official,
+balanced and fast presets only. --crop N measures on the centre N x N of each photo (faster);
+--repeat N runs the candidates in turn N times and reports each one's fastest time; --json writes
+the rows.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -30,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from infdit_core.checkpoint import load_model, resolve_model  # noqa: E402
 from infdit_core.pipeline import upscale  # noqa: E402
+from infdit_core.sampling import PRESETS, SAMPLERS  # noqa: E402
 
 SCALE = 4
 BORDER = SCALE
@@ -110,9 +122,13 @@ def _resize(image: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(image, size=tuple(size), mode="bicubic", antialias=True, align_corners=False)
 
 
-def test_pair(path: str) -> tuple[np.ndarray, torch.Tensor]:
-    """Ground truth (cropped to a multiple of the scale) and its 8-bit 4x-downscaled input."""
+def test_pair(path: str, crop: int = 0) -> tuple[np.ndarray, torch.Tensor]:
+    """Ground truth (cropped to a multiple of the scale, or to its centre crop x crop) and its 8-bit
+    4x-downscaled input."""
     truth = _read(path)
+    if crop:
+        top, left = ((v - crop) // 2 for v in truth.shape[:2])
+        truth = truth[max(0, top):max(0, top) + crop, max(0, left):max(0, left) + crop]
     h, w = (v - v % SCALE for v in truth.shape[:2])
     truth = truth[:h, :w]
     lr = _to_uint8(_resize(_to_tensor(truth), (h // SCALE, w // SCALE)))
@@ -131,17 +147,24 @@ def model_candidate(model, **options) -> Callable[[torch.Tensor], torch.Tensor]:
 
 # --- report ----------------------------------------------------------------------------------------
 
-def evaluate(photos: list[str], candidates: dict[str, Callable]) -> dict[str, dict]:
-    """{candidate: {"scores": {photo: Scores}, "seconds": wall time over all photos}}."""
-    pairs = {os.path.splitext(os.path.basename(p))[0]: test_pair(p) for p in photos}
+def evaluate(photos: list[str], candidates: dict[str, Callable], crop: int = 0, repeat: int = 1) -> dict[str, dict]:
+    """{candidate: {"scores": {photo: Scores}, "seconds": wall time over all photos}}. With repeat > 1
+    the candidates run in turn `repeat` times and "seconds" is each one's fastest round (on a shared
+    machine the other load only ever adds time); the outputs are the same every round."""
+    pairs = {os.path.splitext(os.path.basename(p))[0]: test_pair(p, crop) for p in photos}
     results = {}
-    for name, run in candidates.items():
-        scores, outputs, start = {}, {}, time.perf_counter()
-        for photo, (truth, lr) in pairs.items():
-            with torch.no_grad():
-                outputs[photo] = _to_uint8(run(lr))
-            scores[photo] = score(outputs[photo], truth)
-        results[name] = {"scores": scores, "seconds": time.perf_counter() - start, "outputs": outputs}
+    for _ in range(repeat):
+        for name, run in candidates.items():
+            scores, outputs, start = {}, {}, time.perf_counter()
+            for photo, (_, lr) in pairs.items():
+                with torch.no_grad():
+                    outputs[photo] = _to_uint8(run(lr))
+            seconds = time.perf_counter() - start
+            if name in results:
+                results[name]["seconds"] = min(results[name]["seconds"], seconds)
+                continue
+            scores = {photo: score(outputs[photo], truth) for photo, (truth, _) in pairs.items()}
+            results[name] = {"scores": scores, "seconds": seconds, "outputs": outputs}
     results["_truth"] = {photo: truth for photo, (truth, _) in pairs.items()}
     return results
 
@@ -204,6 +227,78 @@ def _detailed_region(image: np.ndarray, size: int) -> tuple[int, int]:
     return corner
 
 
+# --- sampler sweep ---------------------------------------------------------------------------------
+
+OFFICIAL = ("heun", 20)
+BUDGETS = (39, 30, 24, 20, 16, 12, 10, 8, 6)
+
+
+def steps_for_budget(sampler: str, budget: int) -> int:
+    """The most steps of `sampler` whose network calls fit `budget` (0 if not even one step does)."""
+    calls = SAMPLERS[sampler].calls
+    steps = 0
+    while calls(steps + 1) <= budget:
+        steps += 1
+    return steps
+
+
+def sweep_plan(samplers, budgets) -> list[tuple[str, int]]:
+    """(sampler, steps) to measure, the official sampler first, each at most once."""
+    plan = [OFFICIAL]
+    for sampler in samplers:
+        for budget in budgets:
+            steps = steps_for_budget(sampler, budget)
+            if steps and (sampler, steps) not in plan:
+                plan.append((sampler, steps))
+    return plan
+
+
+def sweep_rows(results: dict, plan: list[tuple[str, int]]) -> list[dict]:
+    """One row per (sampler, steps): mean scores, their difference from the official sampler's, time."""
+    official = results[plan_name(*OFFICIAL)]
+    ref = mean_scores(official["scores"])
+    truths = results["_truth"]
+    rows = []
+    for sampler, steps in plan:
+        r = results[plan_name(sampler, steps)]
+        m = mean_scores(r["scores"])
+        # How close to the official sampler's image (8-bit, luma): a sampler can gain PSNR against
+        # the ground truth by smoothing, which this shows as a departure.
+        to_official = float(np.mean([psnr(to_y(r["outputs"][p]), to_y(official["outputs"][p])) for p in truths]))
+        rows.append(dict(sampler=sampler, steps=steps, calls=SAMPLERS[sampler].calls(steps),
+                         psnr_rgb=m.psnr_rgb, psnr_y=m.psnr_y, ssim_rgb=m.ssim_rgb, ssim_y=m.ssim_y,
+                         d_psnr_rgb=m.psnr_rgb - ref.psnr_rgb, d_psnr_y=m.psnr_y - ref.psnr_y,
+                         d_ssim_y=m.ssim_y - ref.ssim_y, seconds=r["seconds"],
+                         psnr_y_to_official=None if (sampler, steps) == OFFICIAL else to_official,
+                         time_ratio=r["seconds"] / official["seconds"],
+                         per_photo={p: vars(s) for p, s in r["scores"].items()}))
+    return rows
+
+
+def plan_name(sampler: str, steps: int) -> str:
+    return f"{sampler} {steps}"
+
+
+def print_sweep(rows: list[dict], stream=sys.stdout) -> None:
+    stream.write(f"{'sampler':<22} {'steps':>5} {'calls':>5} {'PSNR Y':>7} {'PSNR RGB':>8} {'SSIM Y':>7} "
+                 f"{'SSIM RGB':>8} {'dPSNR Y':>8} {'dPSNR RGB':>9} {'dSSIM Y':>8} {'to off.':>7} {'time s':>7} "
+                 f"{'x official':>10}\n")
+    for r in rows:
+        to_official = "" if r["psnr_y_to_official"] is None else f"{r['psnr_y_to_official']:.2f}"
+        stream.write(f"{r['sampler']:<22} {r['steps']:5d} {r['calls']:5d} {r['psnr_y']:7.3f} {r['psnr_rgb']:8.3f} "
+                     f"{r['ssim_y']:7.4f} {r['ssim_rgb']:8.4f} {r['d_psnr_y']:+8.3f} {r['d_psnr_rgb']:+9.3f} "
+                     f"{r['d_ssim_y']:+8.4f} {to_official:>7} {r['seconds']:7.1f} {r['time_ratio']:10.2f}\n")
+
+
+def run_sweep(model, photos, args) -> list[dict]:
+    plan = sweep_plan(args.samplers, args.budgets) if args.sweep else [OFFICIAL] + [
+        PRESETS[name] for name in ("balanced", "fast")]
+    candidates = {plan_name(sampler, steps): model_candidate(model, sampler=sampler, steps=steps, seed=args.seed)
+                  for sampler, steps in plan}
+    results = evaluate(photos, candidates, args.crop, args.repeat)
+    return sweep_rows(results, plan)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo", help="Inf-DiT weights, or 'demo' (the shipped demo model)")
@@ -212,12 +307,41 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crops", help="write the side-by-side crops PNG here")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--sweep", action="store_true", help="measure every sampler at every network-call budget")
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS),
+                        help="samplers the sweep measures")
+    parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS),
+                        help="network-call budgets the sweep measures")
+    parser.add_argument("--crop", type=int, default=0, help="measure on the centre crop x crop of each photo")
+    parser.add_argument("--presets", action="store_true",
+                        help="measure the official, balanced and fast presets only (a sweep's rows for them)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the candidates in turn this many times; time = each one's fastest round")
+    parser.add_argument("--json", help="write the results (the sweep's rows) as JSON here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(resolve_model(args.model))
     photos = sorted(os.path.join(args.photos, f) for f in os.listdir(args.photos)
                     if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
+    if args.sweep or args.presets:
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        rows = run_sweep(model, photos, args)
+        print(f"model {args.model}; photos {', '.join(os.path.basename(p) for p in photos)}"
+              f"{f' (centre {args.crop}x{args.crop})' if args.crop else ''}; 4x; seed {args.seed}; "
+              f"torch threads {torch.get_num_threads()}; started {started}; time: fastest of {args.repeat} "
+              f"round{'s' if args.repeat > 1 else ''}; means over the photos; d = minus "
+              f"the official sampler (heun 20 steps, 39 calls); to off.: PSNR Y (dB) against the official sampler's "
+              f"output; time: wall seconds over all photos")
+        print_sweep(rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"model": args.model, "photos": [os.path.basename(p) for p in photos], "crop": args.crop,
+                           "seed": args.seed, "threads": torch.get_num_threads(), "started": started,
+                           "repeat": args.repeat, "command": " ".join(["python benchmarks/quality.py"] + sys.argv[1:]),
+                           "rows": rows}, f, indent=1)
+            print(f"wrote {args.json}")
+        return
     candidates = {"bicubic": bicubic}
     for steps in args.steps:
         candidates[f"heun {steps} steps ({2 * steps - 1} calls)"] = model_candidate(model, steps=steps, seed=args.seed)

@@ -25,6 +25,7 @@ from .fast import FAST_CHOICES, parse_fast
 from .fp8 import refusal as fp8_refusal
 from .offload import MODES
 from .pipeline import Resume, upscale
+from .sampling import DEFAULT_STEPS, PRESETS, SAMPLERS, resolve_sampler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # upscale only: fp8 is a way to run the weights (fp8.py), not a dtype to cast a file to.
@@ -112,6 +113,13 @@ def cmd_upscale(args):
         launch.close()
 
 
+def _sampler_and_steps(args) -> tuple[str, int]:
+    """--preset (its own steps), or --sampler with --steps (default: heun, the official sampler)."""
+    if args.preset and (args.sampler or args.steps is not None):
+        raise SystemExit("--preset brings its own sampler and steps: give either --preset or --sampler/--steps")
+    return resolve_sampler(args.preset or args.sampler or "heun", DEFAULT_STEPS if args.steps is None else args.steps)
+
+
 def _parallel_mode(args, paths, world) -> str:
     if world == 1:
         return "single"
@@ -132,6 +140,7 @@ def _upscale_all(args, launch):
     model = load_model(args.model, dtype=dtype, device=device)
     apply_loras(model, [(load_lora(path), strength) for path, strength in args.lora], backup=False)
     block_batch = "auto" if args.block_batch == "auto" else int(args.block_batch)
+    sampler, steps = _sampler_and_steps(args)
     fixed_vector = _load_vector(args.clip_vector) if args.clip_vector else None
     clip = None if fixed_vector is not None else _embedder(args, torch.bfloat16 if args.dtype == "fp8" else dtype,
                                                            device)
@@ -154,8 +163,8 @@ def _upscale_all(args, launch):
         # Progress from one process only: rank 0 (its strip paces the pipeline) or, with whole
         # images per rank, rank 0's own images.
         progress = ProgressBar(name) if launch.rank == 0 else None
-        result = upscale(model, image, scale=args.scale, clip_vector=vector, steps=args.steps, seed=args.seed,
-                         lr_noise_init=not args.no_lr_init, block_batch=block_batch, callback=progress,
+        result = upscale(model, image, scale=args.scale, clip_vector=vector, steps=steps, sampler=sampler,
+                         seed=args.seed, lr_noise_init=not args.no_lr_init, block_batch=block_batch, callback=progress,
                          offload=args.offload, group=launch.group if mode == "strips" else None, resume=resume,
                          fast=parse_fast(args.fast))
         if result is None:
@@ -249,7 +258,12 @@ def main(argv=None):
                                    f"demonstration model that ships with the pack; default {DEFAULT_MODEL}, "
                                    "which `python -m infdit_core download` writes")
     u.add_argument("--scale", type=float, default=4.0, help="upscale factor; above 4 runs chained passes")
-    u.add_argument("--steps", type=int, default=20)
+    u.add_argument("--steps", type=int, help=f"sampler steps (default {DEFAULT_STEPS})")
+    u.add_argument("--sampler", choices=list(SAMPLERS),
+                   help="sampler by name, run for --steps steps (default heun, the official sampler)")
+    u.add_argument("--preset", choices=list(PRESETS),
+                   help="; ".join(f"{name}: {s} {n} steps" for name, (s, n) in PRESETS.items())
+                   + " (docs/samplers.md: their measured quality and speed)")
     u.add_argument("--seed", type=int, default=0)
     u.add_argument("--block-batch", default="auto", help="'auto' or blocks per network call (1 = least memory)")
     u.add_argument("--no-lr-init", action="store_true", help="start from pure noise instead of LR + noise")

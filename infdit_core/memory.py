@@ -35,7 +35,8 @@ log = logging.getLogger("infdit")
 ACTIVATION_FACTOR = 18
 # Float32 canvases [B, 3, H, W] the sampler holds at once in a Heun step: x, the concat LR, the
 # estimate (each network call writes over the previous one), the derivative and the Euler point
-# (which the step turns into the result in place; see sampling.heun_step).
+# (which the step turns into the result in place; see sampling.heun_step). Other samplers hold
+# other counts (sampling.Sampler.canvases), passed as `canvases`.
 CANVASES = 5
 # K/V messages a rank holds at a strip edge beyond its cache (a block's K/V of every layer each):
 # the sends in flight and the copy of the edge block being packed for the next one (a pool slot is
@@ -89,7 +90,8 @@ def block_kv_bytes(config: InfDiTConfig, dtype: torch.dtype) -> int:
 
 
 def plan(config: InfDiTConfig, H: int, W: int, block_batch: int, dtype: torch.dtype = torch.bfloat16,
-         batch: int = 1, world: int = 1, offload: str = "off", kv_device_slots: int = 0) -> MemoryPlan:
+         batch: int = 1, world: int = 1, offload: str = "off", kv_device_slots: int = 0,
+         canvases: int = CANVASES) -> MemoryPlan:
     """Predicted peak bytes of sampling an H x W (padded to the block grid) output, per rank of
     `world` (the largest strip), with the placement `offload` (off, canvas or all, or kv: the K/V
     cache alone spilled, as the out-of-memory back-off does; see offload.py)."""
@@ -117,7 +119,7 @@ def plan(config: InfDiTConfig, H: int, W: int, block_batch: int, dtype: torch.dt
     # The canvases, the whole LR image and its copy padded by one block (the halo of the strip) that
     # the cross-attention windows are cut from.
     lr_block = s // SR_SCALE
-    canvas_bytes = (CANVASES * batch * 3 * long * s * strip * s * 4 + batch * 3 * rows * cols * lr_block ** 2 * 4
+    canvas_bytes = (canvases * batch * 3 * long * s * strip * s * 4 + batch * 3 * rows * cols * lr_block ** 2 * 4
                     + batch * 3 * (long + 2) * (strip + 2) * lr_block ** 2 * 4)
     # Block inputs and outputs staged for one call when the canvases live on the host.
     staging = 0 if canvas_on_device else m * (6 + 3 + 3) * s * s * 4
@@ -155,12 +157,13 @@ def default_budget(device) -> int:
 
 
 def choose_block_batch(config: InfDiTConfig, H: int, W: int, dtype: torch.dtype, budget: int,
-                       batch: int = 1, world: int = 1, offload: str = "off", kv_device_slots: int = 0) -> int:
+                       batch: int = 1, world: int = 1, offload: str = "off", kv_device_slots: int = 0,
+                       canvases: int = CANVASES) -> int:
     """Largest block batch whose working memory (weights already loaded) fits `budget` bytes."""
     def working(m):
-        return plan(config, H, W, m, dtype, batch, world, offload, kv_device_slots).working
+        return plan(config, H, W, m, dtype, batch, world, offload, kv_device_slots, canvases).working
 
-    whole = plan(config, H, W, sys.maxsize, dtype, batch, world, offload, kv_device_slots)
+    whole = plan(config, H, W, sys.maxsize, dtype, batch, world, offload, kv_device_slots, canvases)
     if whole.working <= budget:
         return whole.blocks  # the whole image at once needs no K/V cache
     # Below the whole image, working memory grows with the block batch: bisect.
@@ -180,8 +183,8 @@ class HostMemoryError(MemoryError):
 
 def resolve_execution(block_batch: Union[int, str], offload: str, config: InfDiTConfig, H: int, W: int,
                       dtype: torch.dtype, device, batch: int = 1, world: int = 1,
-                      budget: Optional[int] = None, host_budget: Optional[int] = None
-                      ) -> tuple[int, Placement, MemoryPlan]:
+                      budget: Optional[int] = None, host_budget: Optional[int] = None,
+                      canvases: int = CANVASES) -> tuple[int, Placement, MemoryPlan]:
     """The block batch and placement a run uses, and the plan they give.
 
     offload auto keeps everything on the device when it fits (at block batch 1), otherwise puts the
@@ -201,15 +204,16 @@ def resolve_execution(block_batch: Union[int, str], offload: str, config: InfDiT
             mode = "off"  # the compute device is host memory: nothing to spill to
         else:
             mode = next((m for m in ("off", "canvas")
-                         if plan(config, H, W, smallest, dtype, batch, world, m).working <= budget), "all")
+                         if plan(config, H, W, smallest, dtype, batch, world, m, canvases=canvases).working <= budget),
+                        "all")
             if mode == "all":
-                spare = budget - plan(config, H, W, smallest, dtype, batch, world, "all").working
+                spare = budget - plan(config, H, W, smallest, dtype, batch, world, "all", canvases=canvases).working
                 slots = max(0, spare // block_kv_bytes(config, dtype))
             log.info("Inf-DiT: offload auto chose '%s' for a %dx%d output (%.2f GB free on %s)%s", mode, W, H,
                      budget / 1e9, device, f", {slots} K/V blocks kept on the device" if mode == "all" else "")
     chosen = block_batch if block_batch != "auto" else choose_block_batch(
-        config, H, W, dtype, budget, batch, world, mode, slots)
-    result = plan(config, H, W, chosen, dtype, batch, world, mode, slots)
+        config, H, W, dtype, budget, batch, world, mode, slots, canvases)
+    result = plan(config, H, W, chosen, dtype, batch, world, mode, slots, canvases)
     # On a CPU compute device the working set is host memory too.
     host_need = result.host + (result.working if device.type == "cpu" else 0)
     host_free = free_memory(HOST) if host_budget is None else host_budget

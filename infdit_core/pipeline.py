@@ -1,7 +1,8 @@
 """From an image to an upscaled image: resizing, padding to the block grid, sampling, cropping back.
 
-`sample` runs the EDM sampler over the block-sweep denoiser with progress hooks and out-of-memory
-back-off; `upscale` prepares the inputs for any size, scale, batch and channel count.
+`sample` runs an EDM sampler (the official Heun by default, see sampling.SAMPLERS) over the
+block-sweep denoiser with progress hooks and out-of-memory back-off; `upscale` prepares the inputs
+for any size, scale, batch and channel count.
 """
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ from .memory import choose_block_batch, default_budget, empty_cache, is_out_of_m
 from .model import InfDiT
 from .offload import Placement
 from .resume import StateStore, job_key, remove_job
-from .sampling import DEFAULT_STEPS, initial_state, karras_sigmas, network_calls, sample_heun, strip_noise
+from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, get_sampler, initial_state, karras_sigmas, strip_noise
 from .strips import StripSchedule
 
 log = logging.getLogger("infdit")
 
 MAX_FACTOR = 4.0
-# callback(step, total_steps, blocks_done, blocks_total, preview): step is the 0-based Heun step,
+# callback(step, total_steps, blocks_done, blocks_total, preview): step is the 0-based sampler step,
 # blocks are counted over the whole run (every network call sweeps all blocks once), preview is the
 # current x0 estimate [B, 3, H, W] in [-1, 1], filled block by block.
 ProgressCallback = Callable[[int, int, int, int, torch.Tensor], None]
@@ -92,24 +93,24 @@ class _BackoffDenoiser:
                     warnings.warn("Inf-DiT: out of memory at block_batch 1, retrying with the K/V cache in host memory")
 
 
-def _execution(model: InfDiT, block_batch, offload, H: int, W: int, batch: int, world: int) -> tuple[int, Placement]:
+def _execution(model: InfDiT, block_batch, offload, H: int, W: int, batch: int, world: int,
+               canvases: int) -> tuple[int, Placement]:
     """Blocks per network call and the placement: resolved by the planner, or a given Placement."""
     if not isinstance(offload, Placement):
         chosen, placement, _ = resolve_execution(block_batch, offload, model.config, H, W, model.dtype,
-                                                 model.device, batch, world)
+                                                 model.device, batch, world, canvases=canvases)
         return chosen, placement
     if block_batch != "auto":
         return block_batch, offload
     return choose_block_batch(model.config, H, W, model.dtype, default_budget(model.device), batch, world,
-                              offload.mode, offload.kv_device_slots or 0), offload
+                              offload.mode, offload.kv_device_slots or 0, canvases=canvases), offload
 
 
 def _report_progress(callback: ProgressCallback, denoiser: BlockSweepDenoiser, resilient: _BackoffDenoiser,
-                     state: dict, steps: int, share: int):
+                     state: dict, steps: int, total_calls: int, share: int):
     """Call `callback` after every block batch with the blocks done over all ranks, read off this
     rank's strip (`share` = blocks of the whole grid; the strips differ by one block at most)."""
     scale = share / max(1, denoiser.num_blocks)
-    total_calls = network_calls(steps)
 
     def on_blocks(done, total, estimate):
         blocks = round((resilient.calls_done * total + done) * scale)
@@ -120,7 +121,8 @@ def _report_progress(callback: ProgressCallback, denoiser: BlockSweepDenoiser, r
 
 
 def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_STEPS,
-           noise: Optional[torch.Tensor] = None, seed: Optional[int] = None, lr_noise_init: bool = True,
+           sampler: str = DEFAULT_SAMPLER, noise: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+           lr_noise_init: bool = True,
            block_batch: Union[int, str] = "auto", callback: Optional[ProgressCallback] = None,
            offload: Union[str, Placement] = "auto", group=AUTO, resume: Optional[Resume] = None,
            fast: Union[str, bool] = "auto") -> Optional[torch.Tensor]:
@@ -132,8 +134,10 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
     share the image in strips (strips.py): by default the initialised default group, if any; None
     for this process alone. Every rank calls sample with the same arguments; rank 0 returns the
     image, the other ranks None. resume: checkpoint the state and continue a job found there.
+    sampler: a name of sampling.SAMPLERS (steps counts its steps; see network_calls).
     fast: compile the network's layers (fast.py): True, False, or auto (on CUDA, for jobs large
     enough to repay the compile time); the same image either way, to float rounding."""
+    method = get_sampler(sampler)
     fast = parse_fast(fast)
     if is_fp8(model):
         check_fp8_supported(model.device)
@@ -149,45 +153,54 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
     if world > 1 and rank == 0 and not schedule.strips[-1]:
         warnings.warn(f"Inf-DiT: {world} ranks for {len([p for p in schedule.strips if p])} strips of blocks: "
                       "the extra ranks stay idle")
-    batch, placement = _execution(model, block_batch, offload, H, W, B, world)
+    batch, placement = _execution(model, block_batch, offload, H, W, B, world, method.canvases)
     store = None
     if resume is not None:
         if resume.key is None and tuple(concat_lr.shape) != shape:
             raise ValueError("resume needs Resume.key (job_key of the whole canvas) when concat_lr is one rank's strip")
         key = resume.key or job_key(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, steps=steps,
-                                    seed=seed, noise=noise, lr_noise_init=lr_noise_init)
+                                    seed=seed, noise=noise, lr_noise_init=lr_noise_init, sampler=sampler)
         store = StateStore(resume.directory, key, schedule, s, shape, resume.interval,
                            group=cpu_group(group) if group is not None else None, max_bytes=resume.max_bytes)
     runner = resolve_fast(fast, model.device, block_evaluations=network_calls(steps) * len(schedule.order))
     denoiser = BlockSweepDenoiser(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, block_batch=batch,
                                   schedule=schedule, placement=placement, reuse_output=True, layer_runner=runner)
     sigmas = karras_sigmas(steps).to(placement.canvas)
-    start, x = 0, None
+    start, x, history = 0, None, {}
     if store is not None and (found := store.load()) is not None:
         start, x = found[0] + 1, found[1].to(placement.canvas)
+        history = {name: h.to(placement.canvas) for name, h in found[2].items()}
         del found  # the loaded state, if it was moved to the device
         log.info("Inf-DiT: resuming from step %d of %d (checkpoint in %s)", start, steps, resume.directory)
     if x is None:
         eps = strip_noise(schedule, seed, s) if noise is None else schedule.crop(noise, s)
         x = initial_state(denoiser.canvas.concat_lr, eps.to(placement.canvas), sigmas[0], lr_noise_init)
         del eps
-    total_calls = network_calls(steps)
+    step_calls = method.step_calls(steps)
     resilient = _BackoffDenoiser(denoiser, retry=world == 1)
-    resilient.calls_done = min(2 * start, total_calls)  # two calls a step, one in the last
+    resilient.calls_done = sum(step_calls[:start])
     if world > 1:
         denoiser.exchange = StripExchange(schedule, group, model)
     state = {"step": start}
     if callback is not None:
-        _report_progress(callback, denoiser, resilient, state, steps, share=B * (H // s) * (W // s))
+        _report_progress(callback, denoiser, resilient, state, steps, sum(step_calls), share=B * (H // s) * (W // s))
 
     def on_step(i):
         state["step"] = i
 
-    begin = [x]  # handed over with no reference kept here, so the starting canvas goes after one step
-    del x
+    # Handed over with no reference kept here, so the starting canvases go once the sampler drops them.
+    begin, carried = [x], [history]
+    del x, history
+    last: dict = {}  # the final step's history, for a chained pass's kept state
     try:
-        x = sample_heun(resilient, begin.pop(), sigmas, on_step=on_step, start=start,
-                        on_step_end=None if store is None else lambda i, x_i: store.after_step(i, x_i, start))
+        if store is None:
+            step_end = None
+        else:
+            def step_end(i, x_i, history_i):
+                last["history"] = history_i
+                store.after_step(i, x_i, start, history_i)
+        x = method.run(resilient, begin.pop(), sigmas, on_step=on_step, start=start, on_step_end=step_end,
+                       history=carried.pop())
     except BaseException:
         if store is not None:
             store.save_unsaved()  # an interrupt keeps the last finished step
@@ -195,7 +208,7 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
     if denoiser.exchange is not None:
         denoiser.exchange.close()
     if store is not None and resume.keep_result:
-        store.keep(steps - 1, x)
+        store.keep(steps - 1, x, last.get("history"))
     if world > 1:
         x = gather_strips(x, schedule, s, group, shape)
     if store is not None and not resume.keep_result:
@@ -271,7 +284,7 @@ def _upscale_rgb(model, rgb, out_hw, *, resume: Optional[Resume], keep: list, **
         # Keyed on the whole canvas, before each rank keeps only its strip of it.
         resume = replace(resume, key=job_key(model, lr=lr, concat_lr=concat, clip_vector=options["clip_vector"],
                                              steps=options["steps"], seed=options["seed"], noise=None,
-                                             lr_noise_init=options["lr_noise_init"]))
+                                             lr_noise_init=options["lr_noise_init"], sampler=options["sampler"]))
     if resume is not None and resume.keep_result:
         keep.append(resume.key)
     concat = strip_of(concat, model.config.block_size, options["group"])
@@ -280,7 +293,7 @@ def _upscale_rgb(model, rgb, out_hw, *, resume: Optional[Resume], keep: list, **
 
 
 def upscale(model: InfDiT, image: torch.Tensor, *, scale: float = 4.0, clip_vector=None,
-            steps: int = DEFAULT_STEPS, seed: int = 0, lr_noise_init: bool = True,
+            steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, seed: int = 0, lr_noise_init: bool = True,
             block_batch: Union[int, str] = "auto", callback: Optional[ProgressCallback] = None,
             offload: str = "auto", group=AUTO, resume: Optional[Resume] = None,
             fast: Union[str, bool] = "auto") -> Optional[torch.Tensor]:
@@ -289,8 +302,8 @@ def upscale(model: InfDiT, image: torch.Tensor, *, scale: float = 4.0, clip_vect
     Scales above 4 run as a chain of passes (`chain_factors`). Alpha is resized bicubically on its
     own; grayscale (one channel, or three equal ones) runs as RGB and is averaged back.
     `clip_vector` [B, vector_dim] is the semantic embedding of the input (see clip.py); without one
-    a zero vector is used, with a warning. offload, group, resume and fast as in `sample`: over
-    several ranks, rank 0 returns the image and the others None."""
+    a zero vector is used, with a warning. sampler, offload, group, resume and fast as in `sample`:
+    over several ranks, rank 0 returns the image and the others None."""
     B, C, h, w = image.shape
     if C not in (1, 3, 4):
         raise ValueError(f"image must have 1, 3 or 4 channels, got {C}")
@@ -311,7 +324,7 @@ def upscale(model: InfDiT, image: torch.Tensor, *, scale: float = 4.0, clip_vect
         done *= factor
         out_hw = output_size(h, w, done)
         last = n + 1 == len(factors)
-        rgb = _upscale_rgb(model, rgb.float(), out_hw, clip_vector=clip_vector, steps=steps, seed=seed,
+        rgb = _upscale_rgb(model, rgb.float(), out_hw, clip_vector=clip_vector, steps=steps, sampler=sampler, seed=seed,
                            lr_noise_init=lr_noise_init, block_batch=block_batch, callback=callback,
                            offload=offload, group=group, keep=kept, fast=fast,
                            resume=resume if resume is None or last else replace(resume, keep_result=True))

@@ -1,12 +1,13 @@
 """The state store: checkpoints of the sampler state so an interrupted or crashed job resumes.
 
 Between Heun steps the whole state of a job is the canvas x and the step index (the noise is a
-pure function of the seed), so a checkpoint is x after a finished step. It is written atomically
-(temporary file, fsync, rename) as a safetensors file with a SHA-256 of its bytes, under a key that
-identifies the job's result: the weights, their dtype, the inputs (LR and concat LR, which carry the
-image, the scale and the output size), the CLIP vector, the steps, the seed (or the explicit noise)
-and lr_noise_init. Block batch, device, world size and placement change where the work runs, not
-the result, and stay out of the key.
+pure function of the seed), so a checkpoint is x after a finished step; a multistep sampler adds its
+history (earlier estimates, canvases shaped like x: see sampling.py), stored beside x as
+"h.<name>". It is written atomically (temporary file, fsync, rename) as a safetensors file with a
+SHA-256 of its bytes, under a key that identifies the job's result: the weights, their dtype, the
+inputs (LR and concat LR, which carry the image, the scale and the output size), the CLIP vector,
+the steps, the sampler, the seed (or the explicit noise) and lr_noise_init. Block batch, device,
+world size and placement change where the work runs, not the result, and stay out of the key.
 
 Each rank writes the region of the canvas it sweeps (its strip along the strip axis) and restores
 its region from whatever files of one step cover it, so a job may resume with another number of
@@ -36,6 +37,9 @@ SUFFIX = ".safetensors"
 KEEP = 2  # checkpoints a rank keeps of a job: a step all ranks have survives a crash mid-save
 
 
+HISTORY = "h."  # prefix of the history tensors in a checkpoint file
+
+
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's bytes for hashing, without a copy when it already lies contiguous in host memory
     (a 8192² canvas is 805 MB)."""
@@ -61,14 +65,25 @@ def weights_identity(model) -> str:
     return cached
 
 
-def job_key(model, *, lr, concat_lr, clip_vector, steps: int, seed, noise, lr_noise_init: bool) -> str:
+def _state_sha256(tensors: dict) -> str:
+    """SHA-256 of a checkpoint's tensors in name order (x alone for the official sampler)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(_tensor_bytes(tensors[name]))
+    return digest.hexdigest()
+
+
+def job_key(model, *, lr, concat_lr, clip_vector, steps: int, seed, noise, lr_noise_init: bool,
+            sampler: str = "heun") -> str:
     digest = hashlib.sha256(f"{FORMAT}:{weights_identity(model)}:{model.dtype}".encode())
     for tensor in (lr, concat_lr, clip_vector) + ((noise,) if noise is not None else ()):
         tensor = tensor.to(torch.float32)
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(_tensor_bytes(tensor))
-    digest.update(json.dumps({"steps": steps, "seed": None if noise is not None else seed,
-                              "lr_noise_init": bool(lr_noise_init)}).encode())
+    job = {"steps": steps, "seed": None if noise is not None else seed, "lr_noise_init": bool(lr_noise_init)}
+    if sampler != "heun":  # the official sampler's keys stay those its checkpoints were written under
+        job["sampler"] = sampler
+    digest.update(json.dumps(job).encode())
     return digest.hexdigest()[:40]
 
 
@@ -141,24 +156,25 @@ class StateStore:
         self.last_save = time.monotonic()
         self.period: Optional[int] = None  # steps between saves, agreed by all ranks
         self.saved: list[int] = []
-        self.latest: Optional[tuple[int, torch.Tensor]] = None  # last finished step, not yet saved
+        self.latest: Optional[tuple] = None  # (step, x, history) of the last finished step, not yet saved
 
     def _path(self, step: int, start: int, stop: int) -> str:
         return os.path.join(self.directory, f"{self.key}.s{step:05d}.{start}-{stop}{SUFFIX}")
 
     # -- saving ---------------------------------------------------------------------------------
 
-    def save(self, step: int, x: torch.Tensor):
+    def save(self, step: int, x: torch.Tensor, history: Optional[dict] = None):
         from safetensors.torch import save_file
 
-        x = x.detach().to("cpu", torch.float32).contiguous()
+        tensors = {"x": x, **{HISTORY + name: h for name, h in (history or {}).items()}}
+        tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
         meta = {"format": FORMAT, "key": self.key, "step": str(step), "axis": str(self.axis),
                 "start": str(self.region[0]), "stop": str(self.region[1]),
-                "canvas": json.dumps(self.canvas_shape), "sha256": hashlib.sha256(_tensor_bytes(x)).hexdigest()}
+                "canvas": json.dumps(self.canvas_shape), "sha256": _state_sha256(tensors)}
         path = self._path(step, *self.region)
         temporary = f"{path}.{os.getpid()}.tmp"
         try:
-            save_file({"x": x}, temporary, metadata=meta)
+            save_file(tensors, temporary, metadata=meta)
             with open(temporary, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(temporary, path)
@@ -191,12 +207,12 @@ class StateStore:
             self.period = max(1, math.ceil(self.interval / max(elapsed.item(), 1e-9)))
         return (step - start + 1) % self.period == 0
 
-    def after_step(self, step: int, x: torch.Tensor, start: int):
+    def after_step(self, step: int, x: torch.Tensor, start: int, history: Optional[dict] = None):
         if self._due(step, start):
-            self.save(step, x)
+            self.save(step, x, history)
             self.latest = None
         else:
-            self.latest = (step, x)
+            self.latest = (step, x, history)
 
     def save_unsaved(self):
         """On an interrupt: keep the last finished step if it was not saved (one process only,
@@ -205,10 +221,10 @@ class StateStore:
             self.save(*self.latest)
             self.latest = None
 
-    def keep(self, step: int, x: torch.Tensor):
+    def keep(self, step: int, x: torch.Tensor, history: Optional[dict] = None):
         """Make sure the final state is on disk (a chained pass a later pass builds on)."""
         if not self.saved or self.saved[-1] != step:
-            self.save(step, x)
+            self.save(step, x, history)
 
     def finish(self):
         """The job is done: its checkpoints go. Rank 0 removes them all, after the gather (no rank
@@ -231,15 +247,16 @@ class StateStore:
         return [(os.path.join(self.directory, m.string), (int(m["start"]), int(m["stop"])))
                 for m in self._listing() if int(m["step"]) == step]
 
-    def _read(self, path: str, step: int, region: tuple[int, int]) -> Optional[torch.Tensor]:
-        """The tensor of one checkpoint file, or None (with a warning) if it is not a valid piece
-        of this job's step."""
+    def _read(self, path: str, step: int, region: tuple[int, int]) -> Optional[dict]:
+        """The tensors of one checkpoint file ("x" and the history), or None (with a warning) if it
+        is not a valid piece of this job's step."""
         from safetensors import safe_open
 
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
-                x = f.get_tensor("x")
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+                x = tensors["x"]
         except Exception as error:  # noqa: BLE001 - any unreadable file is skipped, never fatal
             warnings.warn(f"Inf-DiT: ignoring the unreadable resume checkpoint {path} ({type(error).__name__}: "
                           f"{str(error)[:120]})")
@@ -250,35 +267,41 @@ class StateStore:
         if meta.get("format") != FORMAT or meta.get("key") != self.key or meta.get("step") != str(step):
             problem = "it belongs to another job"
         elif (meta.get("axis"), meta.get("start"), meta.get("stop")) != (str(self.axis), str(region[0]), str(region[1])) \
-                or json.loads(meta.get("canvas", "null")) != list(self.canvas_shape) or list(x.shape) != expected:
+                or json.loads(meta.get("canvas", "null")) != list(self.canvas_shape) \
+                or any(list(t.shape) != expected for t in tensors.values()):
             problem = "its canvas does not match this job"
-        elif hashlib.sha256(_tensor_bytes(x)).hexdigest() != meta.get("sha256"):
+        elif _state_sha256(tensors) != meta.get("sha256"):
             problem = "its checksum does not match (corrupt file)"
         if problem:
             warnings.warn(f"Inf-DiT: ignoring the resume checkpoint {path}: {problem}.")
             return None
-        return x
+        return tensors
 
-    def _assemble(self, step: int) -> Optional[torch.Tensor]:
-        """This rank's region of x at `step` from the files of that step, if they cover it."""
+    def _assemble(self, step: int) -> Optional[dict]:
+        """This rank's region of x and the history at `step` from the files of that step, if they
+        cover it (every file of a step holds the same tensors: one sampler wrote them)."""
         start, stop = self.region
         shape = list(self.canvas_shape)
         shape[self.axis] = stop - start
-        x = torch.empty(shape)
+        state: Optional[dict] = None
         covered = [False] * (stop - start)
         for path, (a, b) in self._files(step):
             lo, hi = max(a, start), min(b, stop)
             if lo >= hi:
                 continue
-            piece = self._read(path, step, (a, b))
-            if piece is None:
+            pieces = self._read(path, step, (a, b))
+            if pieces is None or (state is not None and set(pieces) != set(state)):
                 continue
-            x.narrow(self.axis, lo - start, hi - lo).copy_(piece.narrow(self.axis, lo - a, hi - lo))
+            if state is None:
+                state = {name: torch.empty(shape) for name in pieces}
+            for name, piece in pieces.items():
+                state[name].narrow(self.axis, lo - start, hi - lo).copy_(piece.narrow(self.axis, lo - a, hi - lo))
             covered[lo - start:hi - start] = [True] * (hi - lo)
-        return x if all(covered) else None
+        return state if all(covered) else None
 
-    def load(self) -> Optional[tuple[int, torch.Tensor]]:
-        """(last finished step, this rank's x) of the newest step every rank can restore, or None."""
+    def load(self) -> Optional[tuple[int, torch.Tensor, dict]]:
+        """(last finished step, this rank's x, its history) of the newest step every rank can
+        restore, or None."""
         restorable = {}
         for step in self._steps_on_disk():
             x = self._assemble(step)
@@ -295,4 +318,5 @@ class StateStore:
             return None
         step = max(steps)
         self.saved = [step]
-        return step, restorable[step]
+        state = restorable[step]
+        return step, state.pop("x"), {name[len(HISTORY):]: t for name, t in state.items()}

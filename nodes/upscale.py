@@ -11,7 +11,7 @@ from ..infdit_core.lora import apply_loras
 from ..infdit_core.memory import is_out_of_memory, resolve_execution
 from ..infdit_core.offload import MODES
 from ..infdit_core.pipeline import MAX_FACTOR, OutOfMemory, Resume, output_size
-from ..infdit_core.sampling import DEFAULT_STEPS
+from ..infdit_core.sampling import DEFAULT_STEPS, PRESETS, SAMPLERS, get_sampler, resolve_sampler
 from . import comfy_bridge as bridge
 from .embed import image_embedding
 from .loaders import CATEGORY, InfDiTModel
@@ -27,6 +27,18 @@ SCALE_WIDGET = {"default": 4.0, "min": 1.0 + SCALE_STEP, "max": MAX_FACTOR, "ste
 RESUME_MIN_PIXELS = 2048 * 2048
 RESUME_INTERVAL_S = 60.0
 RESUME_FOLDER_CAP = 8 << 30
+# The sampler combo: the presets, then the samplers by name (with those the steps widget applies).
+SAMPLER_CHOICES = list(PRESETS) + list(SAMPLERS)
+DEFAULT_PRESET = "official"
+
+
+def _sampler_tooltip() -> str:
+    presets = "; ".join(f"{name}: {sampler} {steps} steps ({get_sampler(sampler).calls(steps)} network calls)"
+                        for name, (sampler, steps) in PRESETS.items())
+    return (f"How the image is sampled. Presets use their own steps and ignore 'steps' ({presets}; balanced and "
+            "fast were chosen for losing at most 0.05 / 0.15 dB PSNR against official, measured with the demo "
+            "model: docs/samplers.md). A sampler by name (heun = the official one, euler, dpmpp_2m, unipc, and "
+            "the forecasting ones, which skip some network calls) runs 'steps' steps. Time scales with the calls.")
 
 
 def _check_scale(scale) -> str | None:
@@ -67,7 +79,7 @@ def _out_of_memory_advice(out_hw, batch, dtype, offload_used: str) -> str:
             f"(the smallest) and offload {offload_used}. Try: {'; '.join(knobs)}.")
 
 
-def _memory_request(model: InfDiTModel, out_hw, batch: int, block_batch: int, offload: str) -> int:
+def _memory_request(model: InfDiTModel, out_hw, batch: int, block_batch: int, offload: str, canvases: int) -> int:
     """Bytes beyond the weights to ask ComfyUI to free before the run."""
     network = model.model
     # The run at the given block batch or, for auto, at the batch auto picks in the memory free
@@ -81,7 +93,8 @@ def _memory_request(model: InfDiTModel, out_hw, batch: int, block_batch: int, of
     # then. Weights not loaded yet count as free here, so the request can exceed auto's final
     # pick by up to their size.
     _, _, need = resolve_execution(block_batch if block_batch > 0 else "auto", "off" if offload == "auto" else offload,
-                                   network.config, *out_hw, network.dtype, model.managed.load_device, batch)
+                                   network.config, *out_hw, network.dtype, model.managed.load_device, batch,
+                                   canvases=canvases)
     return need.working
 
 
@@ -92,24 +105,28 @@ def _resume_for(resume: str, out_hw) -> Resume | None:
 
 
 def run_upscale(model: InfDiTModel, image: torch.Tensor, scale: float = 4.0, steps: int = DEFAULT_STEPS,
-                seed: int = 0, block_batch: int = 0, lr_noise_init: bool = True, embed=None, clip=None,
-                offload: str = "auto", resume: str = "auto", fast: str = "auto") -> torch.Tensor:
-    """IMAGE [B,H,W,C] -> IMAGE [B,round(H*scale),round(W*scale),C]; block_batch 0 = auto."""
+                sampler: str = "heun", seed: int = 0, block_batch: int = 0, lr_noise_init: bool = True,
+                embed=None, clip=None, offload: str = "auto", resume: str = "auto", fast: str = "auto") -> torch.Tensor:
+    """IMAGE [B,H,W,C] -> IMAGE [B,round(H*scale),round(W*scale),C]; block_batch 0 = auto. sampler:
+    a preset (its own steps) or a sampler name (with `steps`); a caller that names none gets the
+    official Heun sampler for `steps` steps, as before the combo existed."""
     problem = _check_scale(scale)
     if problem:
         raise ValueError(problem)
+    sampler, steps = resolve_sampler(sampler, steps)
+    canvases = get_sampler(sampler).canvases
     clip_vector = _embedding_for(image, embed, clip, model)
     out_hw = output_size(image.shape[1], image.shape[2], scale)
     batch = image.shape[0]
-    network = model.managed.load(_memory_request(model, out_hw, batch, block_batch, offload))
+    network = model.managed.load(_memory_request(model, out_hw, batch, block_batch, offload, canvases))
     # Settle auto's placement now that the weights are loaded, so the conditioning is prepared where
     # the canvases will live (host memory when they are offloaded) and the advice can say what ran.
     bb, placement, _ = resolve_execution(block_batch if block_batch > 0 else "auto", offload, network.config, *out_hw,
-                                         network.dtype, network.device, batch)
+                                         network.dtype, network.device, batch, canvases=canvases)
     restore = apply_loras(network, model.loras)
     try:
         out = upscale(network, bridge.image_to_bchw(image).to(placement.canvas), scale=scale,
-                      clip_vector=clip_vector, steps=steps, seed=seed, lr_noise_init=lr_noise_init,
+                      clip_vector=clip_vector, steps=steps, sampler=sampler, seed=seed, lr_noise_init=lr_noise_init,
                       block_batch=bb,
                       callback=bridge.ProgressReporter(out_hw), offload=placement.mode, group=None,
                       resume=_resume_for(resume, out_hw), fast=parse_fast(fast))
@@ -159,7 +176,9 @@ class InfDiTUpscale:
                     "Chain a second node for 16x."))),
                 "steps": ("INT", {
                     "default": DEFAULT_STEPS, "min": 1, "max": 200,
-                    "tooltip": "Sampler steps (Heun). 20 is the official setting; fewer is faster and softer."}),
+                    "tooltip": "Sampler steps, used with a sampler chosen by name (a preset brings its own). 20 "
+                               "Heun steps is the official setting; fewer is faster and softer."}),
+                "sampler": (SAMPLER_CHOICES, {"default": DEFAULT_PRESET, "tooltip": _sampler_tooltip()}),
                 "seed": ("INT", {
                     "default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                     "tooltip": "Noise seed. The same seed gives the same image whatever the block batch or device."}),
@@ -205,9 +224,9 @@ class InfDiTUpscale:
         return True if scale is None else (_check_scale(scale) or True)
 
     def upscale(self, model, image, scale, steps, seed, block_batch, lr_noise_init, offload="auto", resume="auto",
-                fast="auto", embed=None, clip=None, mask=None):
-        out = run_upscale(model, image, scale, steps, seed, block_batch, lr_noise_init, embed, clip, offload, resume,
-                          fast)
+                sampler="heun", fast="auto", embed=None, clip=None, mask=None):
+        out = run_upscale(model, image, scale, steps, sampler, seed, block_batch, lr_noise_init, embed, clip, offload,
+                          resume, fast)
         return out, upscale_mask(mask, tuple(out.shape[1:3]), out.shape[0])
 
 

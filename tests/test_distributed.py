@@ -281,3 +281,53 @@ def test_a_single_process_job_resumes_on_two_ranks(golden_dir, tmp_path):
     # and the progress counts the 4 calls already done.
     assert step == 2 and blocks_done == 2 * 2 * 15
     assert os.listdir(resume_dir) == []  # the finished job removed every checkpoint
+
+
+# --- every sampler over strips -------------------------------------------------------------------
+
+SAMPLER_STEPS = 5
+STRIP_SAMPLERS = ["dpmpp_2m", "unipc", "dpmpp_2m_forecast", "dpmpp_2m_forecast_end"]
+
+
+def _samplers_rank_main(rank, world, port, model_path, out_dir, resume_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = load_model(model_path)
+        inputs = case_inputs("odd_partial_strip")
+        results = {name: sample(model, **inputs, steps=SAMPLER_STEPS, sampler=name, seed=11, block_batch=1)
+                   for name in STRIP_SAMPLERS}
+        # ...and the single-process UniPC job interrupted in step 3, continued here with its history.
+        results["unipc resumed"] = sample(model, **inputs, steps=SAMPLER_STEPS, sampler="unipc", seed=11,
+                                          block_batch=1, resume=Resume(resume_dir, interval=0))
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "samplers.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_sampler_over_two_ranks_is_the_single_process_run(golden_dir, tmp_path):
+    """Multistep history and forecast estimates are canvases: each rank keeps its strip of them,
+    and checkpoints of them restore on another number of ranks."""
+    model = load_model(golden_dir / "tiny_model.safetensors")
+    inputs = case_inputs("odd_partial_strip")
+    reference = {name: sample(model, **inputs, steps=SAMPLER_STEPS, sampler=name, seed=11, block_batch=1)
+                 for name in STRIP_SAMPLERS}
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_step_three(step, *_):
+        if step == 3:
+            raise Stop
+
+    resume_dir = tmp_path / "resume"
+    with pytest.raises(Stop):
+        sample(model, **inputs, steps=SAMPLER_STEPS, sampler="unipc", seed=11, block_batch=1,
+               callback=stop_at_step_three, resume=Resume(str(resume_dir), interval=0))
+    spawn_ranks(_samplers_rank_main, 2, str(golden_dir / "tiny_model.safetensors"), str(tmp_path), str(resume_dir))
+    got = torch.load(tmp_path / "samplers.pt", weights_only=True)
+    for name in STRIP_SAMPLERS:
+        assert torch.equal(got[name], reference[name]), name
+    assert torch.equal(got["unipc resumed"], reference["unipc"])
+    assert os.listdir(resume_dir) == []

@@ -82,14 +82,17 @@ def test_fixed_interfaces(models_dir):
     assert order("InfDiTClipLoader") == (["clip_name"], ["infdit_model"])
     assert order("InfDiTClipEmbed") == (["image", "clip", "positive", "negative", "strength"],
                                         ["reference_image", "reference_weight"])
-    assert order("InfDiTUpscale") == (["model", "image", "scale", "steps", "seed", "block_batch", "lr_noise_init",
-                                       "offload", "resume", "fast"],
+    assert order("InfDiTUpscale") == (["model", "image", "scale", "steps", "sampler", "seed", "block_batch",
+                                       "lr_noise_init", "offload", "resume", "fast"],
                                       ["embed", "clip", "mask"])
     assert [NODES[n].RETURN_TYPES for n in OUR_NODES] == [("INFDIT_MODEL",), ("INFDIT_CLIP",), ("INFDIT_EMBED",),
                                                            ("IMAGE", "MASK")]
     up = NODES["InfDiTUpscale"].INPUT_TYPES()["required"]
     assert up["seed"][1]["control_after_generate"] is True and up["seed"][1]["max"] == 0xFFFFFFFFFFFFFFFF
-    assert [up[k][1]["default"] for k in ("scale", "steps", "seed", "block_batch", "lr_noise_init")] == [4.0, 20, 0, 0, True]
+    assert [up[k][1]["default"] for k in ("scale", "steps", "sampler", "seed", "block_batch", "lr_noise_init")] == \
+        [4.0, 20, "official", 0, 0, True]
+    assert up["sampler"][0] == ["official", "balanced", "fast", "heun", "euler", "dpmpp_2m", "unipc",
+                                "dpmpp_2m_forecast", "dpmpp_2m_forecast_end"]
     loader = NODES["InfDiTModelLoader"].INPUT_TYPES()["required"]
     assert loader["model_name"][0] == ["tiny_model.safetensors", "tiny_with_clip.safetensors",
                                        "demo: small model shipped with the pack (not the released weights)"]
@@ -500,3 +503,19 @@ def test_folder_registration_keeps_extra_model_paths(monkeypatch, tmp_path):
     del fake.folder_names_and_paths["infdit"]
     bridge.register_model_folder()
     assert fake.folder_names_and_paths["infdit"] == ([str(tmp_path / "models" / "infdit")], {".pt", ".safetensors"})
+
+
+@pytest.mark.parametrize("sampler,steps,calls", [("fast", STEPS, None), ("unipc", 3, 3), ("heun", 2, 3)])
+def test_sampler_combo_runs_presets_with_their_steps_and_samplers_with_the_widget(model, monkeypatch, sampler,
+                                                                                  steps, calls):
+    from infdit_core.sampling import PRESETS, get_sampler
+
+    if calls is None:  # a preset ignores the steps widget
+        calls = get_sampler(PRESETS[sampler][0]).calls(PRESETS[sampler][1])
+    rec = Recorder()
+    monkeypatch.setattr(bridge, "progress_bar", rec.factory)
+    out = run(model, image(), unit(), steps=steps, sampler=sampler, block_batch=4)  # 4 blocks: one update a call
+    assert len(rec.updates) == calls and rec.created_with == calls * 4
+    assert out.shape == (1, 64, 64, 3)
+    with pytest.raises(ValueError, match="unknown sampler 'nope'"):
+        run(model, image(), unit(), sampler="nope")

@@ -56,3 +56,28 @@ def test_bicubic_candidate_restores_the_ground_truth_size(tmp_path, pair):
     assert cropped.shape == (68, 84, 3) and tuple(lr.shape) == (1, 3, 17, 21)
     assert tuple(quality.bicubic(lr).shape) == (1, 3, 68, 84)
     assert lr.dtype == torch.float32 and torch.equal(lr, (lr * 255).round() / 255)  # an 8-bit input
+
+
+def test_sweep_plan_fits_each_budget_with_the_most_steps():
+    assert [quality.steps_for_budget("heun", b) for b in (39, 20, 10, 6)] == [20, 10, 5, 3]
+    assert quality.steps_for_budget("unipc", 10) == 10
+    assert quality.steps_for_budget("dpmpp_2m_forecast", 10) == 18  # every other call forecast, the last computed
+    assert quality.steps_for_budget("dpmpp_2m_forecast_end", 10) == 11  # the last call forecast
+    plan = quality.sweep_plan(list(quality.SAMPLERS), quality.BUDGETS)
+    assert plan[0] == quality.OFFICIAL == ("heun", 20) and len(plan) == len(set(plan))
+    assert {s for s, _ in plan} == set(quality.SAMPLERS)
+    calls = [quality.SAMPLERS[s].calls(n) for s, n in plan]
+    assert max(calls) == 39 and min(calls) <= 6
+
+
+def test_sweep_rows_compare_with_the_official_sampler(pair):
+    truth, noisy = pair
+    results = {"heun 20": {"scores": {"p": quality.score(noisy, truth)}, "seconds": 10.0, "outputs": {"p": noisy}},
+               "euler 10": {"scores": {"p": quality.score(truth, truth[::-1])}, "seconds": 2.5,
+                            "outputs": {"p": truth[::-1]}},
+               "_truth": {"p": truth}}
+    rows = quality.sweep_rows(results, [("heun", 20), ("euler", 10)])
+    assert rows[0]["d_psnr_y"] == 0 and rows[0]["psnr_y_to_official"] is None and rows[0]["calls"] == 39
+    assert rows[1]["calls"] == 10 and rows[1]["time_ratio"] == 0.25
+    assert rows[1]["d_psnr_y"] == pytest.approx(rows[1]["psnr_y"] - rows[0]["psnr_y"])
+    assert rows[1]["psnr_y_to_official"] == pytest.approx(quality.psnr(quality.to_y(truth[::-1]), quality.to_y(noisy)))

@@ -106,7 +106,8 @@ def test_upscale_widgets_are_the_fixed_interface():
     for path in WORKFLOWS:
         for node in json.loads(path.read_text())["nodes"]:
             if node["type"] == "InfDiTUpscale" and path.stem != HIDIFFUSION:
-                assert node["widgets_values"] == [4.0, 20, 0, "fixed", 0, True, "auto", "auto", "auto"], path.name
+                assert node["widgets_values"] == [4.0, 20, "official", 0, "fixed", 0, True, "auto", "auto", "auto"], \
+                    path.name
 
 
 # --- running a workflow's graph on the tiny model ----------------------------------------------
@@ -190,7 +191,7 @@ def test_iterative_4x_chain_runs(models_root, tmp_path, monkeypatch):
     # A loaded image of another size and aspect; the resize (made 6x4 here to keep the run small)
     # sets what the passes see.
     image = torch.rand(1, 9, 20, 3, generator=torch.Generator().manual_seed(0))
-    results = execute(wf, {"example.png": image}, {"steps": 2, "width": 6, "height": 4})
+    results = execute(wf, {"example.png": image}, {"sampler": "heun", "steps": 2, "width": 6, "height": 4})
 
     by_title = {n.get("title"): n["id"] for n in wf["nodes"]}
     first, second = results[by_title["Inf-DiT 4x (pass 1)"]][0], results[by_title["Inf-DiT 4x (pass 2)"]][0]
