@@ -162,7 +162,7 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
                                     seed=seed, noise=noise, lr_noise_init=lr_noise_init, sampler=sampler)
         store = StateStore(resume.directory, key, schedule, s, shape, resume.interval,
                            group=cpu_group(group) if group is not None else None, max_bytes=resume.max_bytes)
-    runner = resolve_fast(fast, model.device, block_evaluations=network_calls(steps) * len(schedule.order))
+    runner = resolve_fast(fast, model.device, block_evaluations=method.calls(steps) * len(schedule.order))
     denoiser = BlockSweepDenoiser(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, block_batch=batch,
                                   schedule=schedule, placement=placement, reuse_output=True, layer_runner=runner)
     sigmas = karras_sigmas(steps).to(placement.canvas)
