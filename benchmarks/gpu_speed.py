@@ -39,10 +39,13 @@ import torch
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
-from infdit_core import BlockSweepDenoiser, InfDiT, InfDiTConfig, load_model, plan  # noqa: E402
+from infdit_core import BlockSweepDenoiser, InfDiTConfig, load_model, plan  # noqa: E402
 from infdit_core import fast as fast_path  # noqa: E402
 from infdit_core.config import LR_PATCH, NUM_SLOTS  # noqa: E402
 from infdit_core.sampling import DEFAULT_STEPS, network_calls  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_offload_check import build_model  # noqa: E402  (the same random weights as the offload check)
 
 SIGMA = 2.0
 BUDGET = 24e9  # "fits 24 GB": the planned device total (weights included) of the sweep
@@ -103,19 +106,6 @@ class Report:
     timings: list = field(default_factory=list)
     projections: dict = field(default_factory=dict)
     exactness: dict = field(default_factory=dict)
-
-
-def build_model(config: InfDiTConfig, device, dtype) -> InfDiT:
-    """Deterministic random weights (norm weights around 1, everything else ~N(0, 0.02))."""
-    with torch.device(device):
-        model = InfDiT(config)
-    model = model.to(dtype).eval().requires_grad_(False)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            norm_weight = p.dim() == 1 and name.endswith(".weight") and ("norm" in name or "_ln" in name)
-            p.copy_(torch.randn(p.shape, generator=g, device=device) * 0.02 + (1.0 if norm_weight else 0.0))
-    return model
 
 
 def grid_inputs(config: InfDiTConfig, blocks: int) -> dict:

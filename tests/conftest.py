@@ -185,3 +185,20 @@ def network_forward(model, x, sigma, *, lr, concat_lr, clip_vector, checkpoint_l
     inputs = canvas.inputs(blocks, x)
     inputs = inputs._replace(z=inputs.z * c_in[inputs.batch_index, None, None, None])
     return model.forward_blocks(inputs, model.conditioning(c_noise, clip_vector.float()), neighbours, checkpoint_layers)
+
+
+class Recorder:
+    """Stands in for comfy.utils.ProgressBar; optionally raises at the n-th update (ComfyUI's
+    interrupt arrives the same way: an exception from the progress hook)."""
+
+    def __init__(self, raise_at=None, error=KeyboardInterrupt):
+        self.updates, self.raise_at, self.error = [], raise_at, error
+
+    def factory(self, total):
+        self.created_with = total
+        return self
+
+    def update_absolute(self, value, total=None, preview=None):
+        self.updates.append((value, total, preview))
+        if self.raise_at is not None and len(self.updates) >= self.raise_at:
+            raise self.error("stop")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from conftest import OutOfMemoryInjector, load_pack, random_inputs
+from conftest import OutOfMemoryInjector, Recorder, load_pack, random_inputs
 from infdit_core import BlockSweepDenoiser, InfDiT, fast, load_model, sample
 from infdit_core.memory import plan
 from infdit_core.sampling import network_calls
@@ -278,22 +278,6 @@ NODES = PACK.NODE_CLASS_MAPPINGS
 bridge = sys.modules[PACK.__name__ + ".nodes.comfy_bridge"]
 pack_fast = sys.modules[PACK.__name__ + ".infdit_core.fast"]
 STEPS = 2
-
-
-class Recorder:
-    """comfy.utils.ProgressBar's stand-in (as in test_nodes.py), raising at the n-th update."""
-
-    def __init__(self, raise_at=None, error=KeyboardInterrupt):
-        self.updates, self.raise_at, self.error = [], raise_at, error
-
-    def factory(self, total):
-        self.created_with = total
-        return self
-
-    def update_absolute(self, value, total=None, preview=None):
-        self.updates.append((value, total, preview))
-        if self.raise_at is not None and len(self.updates) >= self.raise_at:
-            raise self.error("stop")
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_pack
+from conftest import Recorder, load_pack
 from infdit_core.checkpoint import OFFICIAL_WEIGHTS_URL
 from infdit_core.clip import CLIP_HF_REPO
 from infdit_core.sampling import network_calls
@@ -40,23 +40,6 @@ def run(model, img, embed=None, clip=None, **kw):
     args = dict(scale=4.0, steps=STEPS, seed=0, block_batch=0, lr_noise_init=True)
     args.update(kw)
     return NODES["InfDiTUpscale"]().upscale(model, img, embed=embed, clip=clip, **args)[0]
-
-
-class Recorder:
-    """Stands in for comfy.utils.ProgressBar; optionally raises at the n-th update (ComfyUI's
-    interrupt arrives the same way: an exception from the progress hook)."""
-
-    def __init__(self, raise_at=None, error=KeyboardInterrupt):
-        self.updates, self.raise_at, self.error = [], raise_at, error
-
-    def factory(self, total):
-        self.created_with = total
-        return self
-
-    def update_absolute(self, value, total=None, preview=None):
-        self.updates.append((value, total, preview))
-        if self.raise_at is not None and len(self.updates) >= self.raise_at:
-            raise self.error("stop")
 
 
 # --- registration and interfaces -----------------------------------------------------------
