@@ -19,8 +19,8 @@ Each run is ONE denoiser call (sigma 2): peak device memory (torch.cuda.max_memo
 reset_peak_memory_stats; weights, inputs and canvases included) next to plan(...).total, which
 predicts a sampler step's peak (7 canvases; one call holds about 3 of them in `off`), the time of
 the call and per network call, the peak of torch's pinned host allocator next to plan(...).kv_host,
-and the largest absolute difference to the unspilled reference with the same block batch (the
-issue allows 1e-6 on a GPU; torch.equal is reported too). A run that would start after
+and the largest absolute difference to the unspilled reference with the same block batch (1e-6 is
+allowed on a GPU; torch.equal is reported too). A run that would start after
 --time-limit seconds is skipped and reported, so the whole check stays under 5 minutes.
 
 Exit status: 0 when every spilled run is within 1e-6 of its reference (or CUDA is absent), 1 when

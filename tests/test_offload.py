@@ -1,4 +1,4 @@
-"""Offload (issue 10): canvases and K/V in host memory change where tensors live, never the pixels.
+"""Offload: canvases and K/V in host memory change where tensors live, never the pixels.
 
 Spilled and unspilled runs agree bit for bit (torch.equal) for every placement, block batch, batch
 and odd grid, in one denoiser call and in a full `sample`. The compute device here is the CPU:

@@ -1,4 +1,4 @@
-"""Resuming an interrupted or crashed job (issue 12): the sampler state checkpointed between Heun
+"""Resuming an interrupted or crashed job: the sampler state checkpointed between Heun
 steps, restored by a rerun with the same Resume folder, ignored when it is not this job's."""
 import logging
 import math

@@ -59,7 +59,7 @@ def test_cache_holds_at_most_one_row_plus_block_batch(model, rows, cols, block_b
                                clip_vector=inp["clip_vector"], block_batch=block_batch)
     sweep(inp["x"], 1.0)
     cache = sweep.last_cache
-    assert cache.peak_blocks <= cols + block_batch  # the bound: blocks per row + block batch
+    assert cache.peak_blocks <= cols + block_batch  # the bound: blocks per row + block batch
     # Wide images sweep column-major, so the cache holds one column instead of one row.
     assert cache.peak_blocks <= min(rows, cols) + block_batch
     assert not cache.held, "every cached block must be freed by the end"
