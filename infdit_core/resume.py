@@ -166,8 +166,15 @@ class StateStore:
     def save(self, step: int, x: torch.Tensor, history: Optional[dict] = None):
         from safetensors.torch import save_file
 
-        tensors = {"x": x, **{HISTORY + name: h for name, h in (history or {}).items()}}
-        tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
+        tensors, storages = {}, set()
+        for name, t in {"x": x, **{HISTORY + name: h for name, h in (history or {}).items()}}.items():
+            t = t.detach().to("cpu", torch.float32).contiguous()
+            if t.untyped_storage().data_ptr() in storages:
+                # safetensors refuses two names for one memory; after the step into sigma = 0 a
+                # multistep sampler's x is its last estimate.
+                t = t.clone()
+            storages.add(t.untyped_storage().data_ptr())
+            tensors[name] = t
         meta = {"format": FORMAT, "key": self.key, "step": str(step), "axis": str(self.axis),
                 "start": str(self.region[0]), "stop": str(self.region[1]),
                 "canvas": json.dumps(self.canvas_shape), "sha256": _state_sha256(tensors)}
