@@ -250,8 +250,7 @@ class InfDiT(nn.Module):
         M, T, D = x.shape
         q, k, v = self._split(layer.attention.query_key_value(x), 3)
         del x
-        # v on its own: the projection (3x its size) is freed once q and k are normalised, and
-        # the cache can keep the block's V without copying it (see KVCache.gather).
+        # v on its own: the projection (3x its size) is freed once q and k are normalised.
         v = v.contiguous().transpose(1, 2)
         q_norm = self.mixins.adaln_layer.q_layer_norm[index]
         # Official quirk (8.1-1): the query LayerNorm normalises the keys too.
