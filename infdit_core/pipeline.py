@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from .config import SR_SCALE
 from .denoiser import BlockSweepDenoiser, canvas_shape
-from .fast import parse_fast, resolve_fast
-from .fp8 import check_supported as check_fp8_supported, is_fp8
 from .distributed import (AUTO, StripExchange, broadcast_from_first, cpu_group, gather_strips, resolve_group,
                           world_and_rank)
+from .fast import parse_fast, resolve_fast
+from .fp8 import check_supported as check_fp8_supported, is_fp8
 from .memory import choose_block_batch, default_budget, empty_cache, is_out_of_memory, resolve_execution
 from .model import InfDiT
 from .offload import Placement
