@@ -95,7 +95,7 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
 
 
 def _floats(sigmas: torch.Tensor) -> list[float]:
-    return [float(v) for v in sigmas.tolist()]
+    return sigmas.tolist()
 
 
 def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
