@@ -14,14 +14,21 @@ On CPU, memory is the process's peak RSS (reset through /proc/self/clear_refs); 
 itself with a fixed malloc mmap threshold so freed tensors really leave the RSS.
 
 The share: the released width (1280, 16 heads of 80) cut to `--share-layers` layers, random weights,
-one warm denoiser call at block batch 1 and at auto. Its FLOPs are counted op by op (matmuls,
-convolutions and attention, torch.utils.flop_counter) and divided by its time; the reference is a
+warm denoiser calls at block batch 1 and at auto. Their FLOPs are counted op by op (matmuls,
+convolutions and attention, torch.utils.flop_counter) and divided by the time; the reference is a
 plain torch.mm of each of a layer's four linear shapes (QKV, attention output, MLP in and out) with
-the call's rows, timed in the same run. An empty --sizes or --share-size skips that part.
+the call's rows. The two are timed in turn `--share-repeat` times and each one's fastest time is
+kept (other load on a shared machine only ever adds time). On CPU the share is measured twice, in
+the process's own memory allocator before the table's fixed mmap threshold is set: first as it
+starts (glibc's default), then with glibc told to keep freed memory for reuse (no fresh pages for
+every large tensor: what jemalloc or tcmalloc do, and what MALLOC_MMAP_THRESHOLD_ and
+MALLOC_TRIM_THRESHOLD_ give a CPU user; see docs/performance.md). An empty --sizes or --share-size
+skips that part.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import os
 import re
@@ -122,7 +129,7 @@ ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
                    lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
 
 
-def sweep_share(H, W, layers, device, dtype):
+def sweep_share(H, W, layers, device, dtype, repeat: int, allocator: str):
     """Print the sweep's FLOP rate as a share of mm_rate, at block batch 1 and auto."""
     config = dataclasses.replace(InfDiTConfig(), num_layers=layers)
     torch.manual_seed(0)
@@ -133,7 +140,7 @@ def sweep_share(H, W, layers, device, dtype):
     auto = resolve_execution("auto", "off", config, H, W, dtype, device)[0]
     print(f"\nshare of the matmul rate: released width {config.hidden_size} ({config.num_heads} heads of "
           f"{config.head_dim}), {layers} layers, {H}x{W} ({blocks} blocks), {device}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, allocator: {allocator}, fastest of {repeat}")
     header = f"{'mode':>12} {'GFLOP':>8} {'time s':>7} {'GFLOP/s':>8} {'mm GFLOP/s':>10} {'share':>6}"
     print(header)
     print("-" * len(header))
@@ -141,15 +148,33 @@ def sweep_share(H, W, layers, device, dtype):
         denoiser = BlockSweepDenoiser(model, block_batch=bb, **inp)
         with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
             denoiser(x, 2.0)  # also the warm-up
-        synchronize(device)
-        start = time.perf_counter()
-        denoiser(x, 2.0)
-        synchronize(device)
-        elapsed = time.perf_counter() - start
+        elapsed, reference = float("inf"), 0.0
+        for _ in range(repeat):
+            synchronize(device)
+            start = time.perf_counter()
+            denoiser(x, 2.0)
+            synchronize(device)
+            elapsed = min(elapsed, time.perf_counter() - start)
+            reference = max(reference, mm_rate(min(bb, blocks) * config.block_tokens ** 2, config.hidden_size,
+                                               device, dtype))
         flops = counter.get_total_flops()
-        reference = mm_rate(min(bb, blocks) * config.block_tokens ** 2, config.hidden_size, device, dtype)
         print(f"{name:>12} {flops / 1e9:8.1f} {elapsed:7.2f} {flops / elapsed / 1e9:8.1f} "
               f"{reference / 1e9:10.1f} {flops / elapsed / reference:6.0%}")
+
+
+# glibc mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory for reuse: no mmap of its own for each large tensor
+    (whose pages the kernel must fault in and zero on every allocation) and no returning of the
+    heap's top to the system. False where that is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 def table(sizes, device, dtype, dtype_name):
@@ -198,19 +223,29 @@ def main():
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--share-size", default="256x256", help="HxW of the matmul-share run")
     parser.add_argument("--share-layers", type=int, default=3, help="layers of the released-width model")
+    parser.add_argument("--share-repeat", type=int, default=3, help="timed calls of each share mode")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    if args.sizes:
-        table(args.sizes, device, dtype, args.dtype)
-    if args.share_size:
+    if args.share_size and not os.environ.get(TABLE_ONLY):
         H, W = map(int, args.share_size.split("x"))
-        sweep_share(H, W, args.share_layers, device, dtype)
+        if device.type == "cuda":
+            sweep_share(H, W, args.share_layers, device, dtype, args.share_repeat, "CUDA caching allocator")
+        else:
+            sweep_share(H, W, args.share_layers, device, dtype, args.share_repeat, "glibc default")
+            if keep_freed_memory():
+                sweep_share(H, W, args.share_layers, device, dtype, args.share_repeat, "freed memory kept")
+    if args.sizes:
+        if device.type == "cpu" and sys.platform.startswith("linux") and not os.environ.get(TABLE_ONLY):
+            # The table measures RSS: large tensors must live in their own mappings, returned to the
+            # OS when freed. malloc reads that setting at start-up, so the table runs in a new process.
+            sys.stdout.flush()
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", **{TABLE_ONLY: "1"})
+            os.execve(sys.executable, [sys.executable] + sys.argv, env)
+        table(args.sizes, device, dtype, args.dtype)
 
+
+TABLE_ONLY = "INFDIT_BENCH_TABLE_ONLY"
 
 if __name__ == "__main__":
-    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # Large tensors then live in their own mappings, returned to the OS when freed.
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        os.execv(sys.executable, [sys.executable] + sys.argv)
     main()

@@ -13,8 +13,8 @@ The weights are arguments, never constants of a graph, so all layers share one g
 (layer 0's post-attention part is its own, having the cross-attention); the block dimension is
 dynamic, so a sweep's smaller last call does not recompile (a one-block call is a graph of its
 own: dynamo specialises on size 1). The attention itself (the neighbour gather of the K/V cache,
-the slot offsets, SDPA) runs eagerly between the two parts, under the attention backend chosen
-for the device (`attention_backends`).
+the slot offsets, SDPA) runs eagerly between the two parts, under the SDPA backend measured fastest
+for its shape on the device (`FastestAttention`).
 
 `resolve_fast` turns the user's `fast` option (auto/True/False) into a runner or None.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -48,12 +49,14 @@ AUTO_MIN_BLOCK_EVALUATIONS = round(FIRST_COMPILE_S_CPU / ASSUMED_SAVING_S_PER_BL
 
 FAST_CHOICES = {"auto": "auto", "on": True, "off": False}
 
-# SDPA backends on CUDA, fastest first where they apply (head dim 80, bf16/fp16): cuDNN attention
-# is often about twice PyTorch's flash kernel on Hopper; flash and memory-efficient attention
-# cover the older cards; the math kernel is the last resort. With set_priority SDPA takes the
-# first of them that accepts the inputs.
-CUDA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH]
+# The SDPA backends timed against each other for each attention shape, by device type: those whose
+# memory grows with the tokens, not with their square (the planner counts no score matrix), so the
+# math kernel is not among them. On CUDA: cuDNN attention (often about twice PyTorch's flash
+# kernel on Hopper), flash, and memory-efficient attention (the one for fp32 and older cards); on
+# the CPU, its flash kernel (the one SDPA runs there by default).
+TIMED_BACKENDS = {"cuda": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+                  "cpu": [SDPBackend.FLASH_ATTENTION]}
+TIMED_RUNS = 3  # timed calls of each backend (after one warm-up); the fastest counts
 
 
 def parse_fast(value: Union[str, bool]) -> Union[str, bool]:
@@ -156,25 +159,82 @@ def _run(part: str, *args, **constants):
 
 # --- attention backend --------------------------------------------------------------------------
 
-def attention_backends(device: torch.device) -> Optional[list]:
-    """The SDPA backends to allow, in priority order, or None for the device's default (CPU)."""
-    return CUDA_BACKENDS if device.type == "cuda" else None
+def _time_call(run, device: torch.device) -> float:
+    """Seconds of the fastest of TIMED_RUNS calls of run() on `device`."""
+    best = float("inf")
+    for _ in range(TIMED_RUNS):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+class FastestAttention:
+    """SDPA under the fastest backend measured for each shape: the first call with a new (device,
+    dtype, q shape, key shape) times every backend of `candidates` for the device that accepts the
+    inputs, on those inputs, and later calls of that shape run the winner alone. Timing a backend
+    costs 1 + TIMED_RUNS attention calls, once per shape and process. `timer(backend, run, device)`
+    returns seconds (tests give their own). Where no candidate applies, SDPA chooses by itself."""
+
+    def __init__(self, candidates: Optional[dict] = None, timer=None):
+        self.candidates = TIMED_BACKENDS if candidates is None else candidates
+        self.timer = timer or (lambda backend, run, device: _time_call(run, device))
+        self.chosen: dict[tuple, Optional[SDPBackend]] = {}
+        self.timings: dict[tuple, dict[str, float]] = {}  # key -> {backend name: seconds}, for reports
+
+    @staticmethod
+    def _key(q, k):
+        return q.device.type, q.device.index, q.dtype, tuple(q.shape), tuple(k.shape)
+
+    def __call__(self, q, k, v):
+        backend = self.choice(q, k, v)
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v)
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    def choice(self, q, k, v) -> Optional[SDPBackend]:
+        key = self._key(q, k)
+        if key not in self.chosen:
+            self.chosen[key] = self._measure(key, q, k, v)
+        return self.chosen[key]
+
+    def _measure(self, key, q, k, v) -> Optional[SDPBackend]:
+        seconds = {}
+        for backend in self.candidates.get(q.device.type, []):
+            def run(backend=backend):
+                with sdpa_kernel([backend]):
+                    F.scaled_dot_product_attention(q, k, v)
+            try:
+                with warnings.catch_warnings():  # SDPA warns why a backend refuses, then raises
+                    warnings.simplefilter("ignore")
+                    run()  # warm-up, and the test that this backend takes these inputs
+            except RuntimeError:
+                continue
+            seconds[backend] = self.timer(backend, run, q.device)
+        self.timings[key] = {b.name.lower(): t for b, t in seconds.items()}
+        if not seconds:
+            return None
+        best = min(seconds, key=seconds.get)
+        if len(seconds) > 1:
+            log.info("Inf-DiT fast path: attention q %s k %s (%s, %s): %s -> %s", list(q.shape), list(k.shape),
+                     q.dtype, q.device.type, ", ".join(f"{b.name.lower()} {t * 1e3:.2f} ms" for b, t in seconds.items()),
+                     best.name.lower())
+        return best
+
+
+ATTENTION = FastestAttention()
 
 
 def attention_backend_used(q, k, v) -> str:
-    """Name of the backend SDPA runs for these inputs under `attention_backends`: the first that
-    accepts them (each tried alone). For reports (benchmarks), not for the sweep."""
-    backends = attention_backends(q.device)
-    if backends is None:
-        return f"{q.device.type} default"
-    for backend in backends:
-        try:
-            with sdpa_kernel([backend]):
-                F.scaled_dot_product_attention(q, k, v)
-            return backend.name.lower()
-        except RuntimeError:
-            continue
-    return "none"
+    """Name of the backend the fast path runs for these inputs (measuring it if this shape is new),
+    or "sdpa default". For reports (benchmarks), not for the sweep."""
+    backend = ATTENTION.choice(q, k, v)
+    return "sdpa default" if backend is None else backend.name.lower()
 
 
 # --- the runner ---------------------------------------------------------------------------------
@@ -215,11 +275,7 @@ class CompiledLayers:
         keys, values = neighbours.gather(index, k, v)
         del k, v
         keys += model.mixins.adaln_layer.re_pos_embed[index].transpose(0, 1)[None, :, :, None, :]
-        backends = attention_backends(q.device)
-        if backends is None:
-            return F.scaled_dot_product_attention(q, keys.flatten(2, 3), values.flatten(2, 3))
-        with sdpa_kernel(backends, set_priority=True):
-            return F.scaled_dot_product_attention(q, keys.flatten(2, 3), values.flatten(2, 3))
+        return ATTENTION(q, keys.flatten(2, 3), values.flatten(2, 3))
 
 
 COMPILED_LAYERS = CompiledLayers()

@@ -6,14 +6,17 @@ compiled graphs are shared by the whole file (dynamo caches them per process), s
 compiles once: the tiny golden's (64 tokens, width 64) and the released geometry's (1024 tokens,
 width 1280)."""
 import json
+import re
 from dataclasses import replace
 import sys
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch._C._profiler import _EventType
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import OutOfMemoryInjector, Recorder, load_pack, random_inputs
@@ -71,10 +74,52 @@ def test_fast_option_values_and_auto_rule():
     assert network_calls(20) * 1024 >= big > network_calls(20) * 256
 
 
-def test_cpu_has_no_backend_choice():
-    q = torch.randn(1, 2, 8, 16)
-    assert fast.attention_backends(q.device) is None
-    assert fast.attention_backend_used(q, q, q) == "cpu default"
+def _qkv(tokens=8, keys=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 2, tokens, 16, generator=g), torch.randn(2, 2, keys, 16, generator=g),
+            torch.randn(2, 2, keys, 16, generator=g))
+
+
+def test_cpu_attention_is_the_eager_kernel():
+    # On the CPU the only timed backend is its flash kernel, the one eager SDPA runs: same bits.
+    attention = fast.FastestAttention()
+    q, k, v = _qkv()
+    assert attention.choice(q, k, v) == SDPBackend.FLASH_ATTENTION
+    assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert set(attention.timings[attention._key(q, k)]) == {"flash_attention"}
+
+
+def test_attention_runs_the_fastest_backend_that_applies():
+    timed = []
+
+    def timer(backend, run, device):
+        timed.append(backend)
+        run()
+        return {SDPBackend.MATH: 1.0, SDPBackend.FLASH_ATTENTION: 2.0}[backend]
+
+    # cuDNN attention refuses CPU tensors: it is skipped, and the faster of the other two runs.
+    attention = fast.FastestAttention(
+        {"cpu": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]}, timer)
+    q, k, v = _qkv()
+    out = attention(q, k, v)
+    assert attention.choice(q, k, v) == SDPBackend.MATH
+    assert timed == [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    assert attention.timings[attention._key(q, k)] == {"flash_attention": 2.0, "math": 1.0}
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    assert (out - F.scaled_dot_product_attention(q, k, v)).abs().max() <= 1e-5
+    attention(*_qkv(seed=1))  # same shapes: measured once
+    assert len(timed) == 2
+    attention(*_qkv(keys=40))  # another key length is measured anew
+    assert len(timed) == 4
+
+
+def test_attention_without_a_usable_candidate_leaves_the_choice_to_sdpa():
+    attention = fast.FastestAttention({"cpu": [SDPBackend.CUDNN_ATTENTION]})
+    q, k, v = _qkv()
+    assert attention.choice(q, k, v) is None
+    assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert fast.FastestAttention({}).choice(q, k, v) is None
 
 
 # --- exactness: the tiny golden -----------------------------------------------------------------
@@ -107,6 +152,34 @@ def test_one_graph_per_part_for_all_layers_and_calls(tiny):
     assert sweeps(2, 5, 8, 1, 3) == 0
     shape = (model.config.block_tokens ** 2, model.config.hidden_size)
     assert len([key for key in fast.compile_times() if key[3] == shape]) == 6  # each logged once
+
+
+def test_pre_attention_fuses_the_modulation_into_the_layer_norm(monkeypatch):
+    # The adaLN modulation is not a pass of its own: inductor emits the pre-attention part as two
+    # element-wise kernels around the QKV matmul, LayerNorm + modulation, then q/k LayerNorm + RoPE.
+    from torch._inductor import config as inductor_config
+    from torch._inductor.graph import GraphLowering
+
+    codes = []
+    monkeypatch.setattr(GraphLowering, "save_output_code", staticmethod(codes.append))
+    M, T, D, heads = 2, 16, 48, 3
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(shape, generator=g) for shape in
+            [(M, T, D), (M, 4, D), (M, T, 1, D // heads), (M, T, 1, D // heads), (3 * D, D), (3 * D,),
+             (D // heads,), (D // heads,)]]
+
+    def part(*a):  # its own code object: its own graph, whatever the other tests compiled
+        return fast.pre_attention(*a, heads=heads, eps=1e-6)
+
+    with inductor_config.patch(fx_graph_cache=False):
+        got = torch.compile(part, fullgraph=True)(*args)
+    for a, b in zip(got, part(*args)):
+        assert (a - b).abs().max() <= 1e-5
+    kernels = re.findall(r"^(cpp_fused_\w+) = ", "\n".join(codes), re.M)
+    assert len(kernels) == 2, kernels
+    first, second = kernels
+    assert "native_layer_norm" in first and "mul" in first and "add" in first  # LN, * (1 + scale), + shift
+    assert "native_layer_norm" in second and "neg" in second  # q/k LN and RoPE's rotation
 
 
 # --- exactness: sampling, strips, offload ----------------------------------------------------------
