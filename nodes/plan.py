@@ -61,13 +61,13 @@ class InfDiTMemoryPlan:
                 "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 200,
                                   "tooltip": "Sampler steps of the planned run, with a sampler chosen by name (a "
                                              "preset brings its own); they set the number of network calls."}),
-                "sampler": (SAMPLER_CHOICES, {"default": DEFAULT_PRESET,
-                                              "tooltip": "The planned run's preset or sampler, as in Inf-DiT UniBA "
-                                                         "Upscale: it sets the network calls and the canvases held."}),
                 "block_batch": ("INT", {"default": 0, "min": 0, "max": 4096,
                                         "tooltip": "Blocks per network call; 0 = what auto would pick now."}),
                 "offload": (list(MODES), {"default": "auto",
                                           "tooltip": "Placement of the planned run, as in Inf-DiT UniBA Upscale."}),
+                "sampler": (SAMPLER_CHOICES, {"default": DEFAULT_PRESET,
+                                              "tooltip": "The planned run's preset or sampler, as in Inf-DiT UniBA "
+                                                         "Upscale: it sets the network calls and the canvases held."}),
             },
             "optional": {"image": ("IMAGE", {"tooltip": "Plan for this image batch instead of width x height."})},
         }

@@ -178,7 +178,6 @@ class InfDiTUpscale:
                     "default": DEFAULT_STEPS, "min": 1, "max": 200,
                     "tooltip": "Sampler steps, used with a sampler chosen by name (a preset brings its own). 20 "
                                "Heun steps is the official setting; fewer is faster and softer."}),
-                "sampler": (SAMPLER_CHOICES, {"default": DEFAULT_PRESET, "tooltip": _sampler_tooltip()}),
                 "seed": ("INT", {
                     "default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                     "tooltip": "Noise seed. The same seed gives the same image whatever the block batch or device."}),
@@ -201,6 +200,9 @@ class InfDiTUpscale:
                     "tooltip": "auto: outputs of 2048² and more checkpoint their progress in ComfyUI's temp folder, "
                                "so cancelling and queueing again continues where it stopped (same image). "
                                "off: always start from the first step."}),
+                # New widgets go last: ComfyUI stores widget values by position, so a workflow saved
+                # with an older version keeps its values in the right widgets.
+                "sampler": (SAMPLER_CHOICES, {"default": DEFAULT_PRESET, "tooltip": _sampler_tooltip()}),
                 "fast": (list(FAST_CHOICES), {
                     "default": "auto",
                     "tooltip": "Compile the network's layers (torch.compile) for speed; the same image to float "

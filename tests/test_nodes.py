@@ -65,8 +65,8 @@ def test_fixed_interfaces(models_dir):
     assert order("InfDiTClipLoader") == (["clip_name"], ["infdit_model"])
     assert order("InfDiTClipEmbed") == (["image", "clip", "positive", "negative", "strength"],
                                         ["reference_image", "reference_weight"])
-    assert order("InfDiTUpscale") == (["model", "image", "scale", "steps", "sampler", "seed", "block_batch",
-                                       "lr_noise_init", "offload", "resume", "fast"],
+    assert order("InfDiTUpscale") == (["model", "image", "scale", "steps", "seed", "block_batch",
+                                       "lr_noise_init", "offload", "resume", "sampler", "fast"],
                                       ["embed", "clip", "mask"])
     assert [NODES[n].RETURN_TYPES for n in OUR_NODES] == [("INFDIT_MODEL",), ("INFDIT_CLIP",), ("INFDIT_EMBED",),
                                                            ("IMAGE", "MASK")]

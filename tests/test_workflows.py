@@ -106,8 +106,32 @@ def test_upscale_widgets_are_the_fixed_interface():
     for path in WORKFLOWS:
         for node in json.loads(path.read_text())["nodes"]:
             if node["type"] == "InfDiTUpscale" and path.stem != HIDIFFUSION:
-                assert node["widgets_values"] == [4.0, 20, "official", 0, "fixed", 0, True, "auto", "auto", "auto"], \
+                assert node["widgets_values"] == [4.0, 20, 0, "fixed", 0, True, "auto", "auto", "official", "auto"], \
                     path.name
+
+
+# The widgets of version 0.2.0 (the last release), in their order: ComfyUI stores a node's widget
+# values by position, so a workflow saved with 0.2.0 loads right only while these stay first.
+WIDGETS_0_2_0 = {
+    "InfDiTUpscale": ["scale", "steps", "seed", "control_after_generate", "block_batch", "lr_noise_init", "offload",
+                      "resume"],
+    "InfDiTMemoryPlan": ["width", "height", "scale", "steps", "block_batch", "offload"],
+}
+
+
+def test_workflows_saved_with_0_2_0_keep_their_values():
+    for node_type, old in WIDGETS_0_2_0.items():
+        names = [name for name, _, _ in widget_slots(node_type)]
+        assert names[:len(old)] == old, f"{node_type}: new widgets must come after the old ones, got {names}"
+    # A 0.2.0 upscale node's values, read by position: each lands in its own widget, and the new
+    # widgets (sampler, fast) keep their defaults.
+    saved = [2.0, 12, 7, "fixed", 3, False, "canvas", "off"]
+    slots = widget_slots("InfDiTUpscale")
+    values = dict(zip([name for name, _, _ in slots], saved))
+    assert values == {"scale": 2.0, "steps": 12, "seed": 7, "control_after_generate": "fixed", "block_batch": 3,
+                      "lr_noise_init": False, "offload": "canvas", "resume": "off"}
+    assert [(name, options["default"]) for name, _, options in slots[len(saved):]] == [("sampler", "official"),
+                                                                                      ("fast", "auto")]
 
 
 # --- running a workflow's graph on the tiny model ----------------------------------------------
