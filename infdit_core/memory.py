@@ -83,6 +83,13 @@ def parameter_count(config: InfDiTConfig) -> int:
         return sum(p.numel() for p in InfDiT(config).parameters())
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a loaded model's parameters and buffers: what plan()'s `weights` is for a model
+    whose weights are all in its dtype, and less for fp8 weights (fp8.py: one byte per weight plus a
+    float32 scale per output channel, where plan() counts the bf16 the activations run in)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def block_kv_bytes(config: InfDiTConfig, dtype: torch.dtype) -> int:
     """K and V of every layer for one block."""
     e = torch.empty((), dtype=dtype).element_size()

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
-from ..infdit_core.memory import HOST, free_memory, resolve_execution
+from ..infdit_core.fp8 import is_fp8
+from ..infdit_core.memory import HOST, free_memory, resolve_execution, weight_bytes
 from ..infdit_core.offload import MODES
 from ..infdit_core.pipeline import output_size
 from ..infdit_core.sampling import DEFAULT_STEPS, get_sampler, resolve_sampler
@@ -24,10 +26,12 @@ def memory_report(model: InfDiTModel, width: int, height: int, scale: float, blo
     device = model.managed.load_device
     _, placement, p = resolve_execution(block_batch if block_batch > 0 else "auto", offload, config, out_h, out_w,
                                         network.dtype, device, batch, canvases=method.canvases)
+    p = replace(p, weights=weight_bytes(network))  # the weights as loaded (fp8 ones are smaller)
+    dtype = str(network.dtype).replace("torch.", "") + (" activations, fp8 weights" if is_fp8(network) else "")
     calls = method.calls(steps) * math.ceil(p.blocks / p.block_batch)
     chosen = f"{placement.mode} (auto)" if offload == "auto" else placement.mode
     lines = [
-        f"{width}x{height} -> {out_w}x{out_h} (x{scale:g}), batch {batch}, {str(network.dtype).replace('torch.', '')}",
+        f"{width}x{height} -> {out_w}x{out_h} (x{scale:g}), batch {batch}, {dtype}",
         f"blocks {p.blocks}, block batch {p.block_batch}{' (auto)' if block_batch <= 0 else ''}, "
         f"{calls} network calls for {sampler} {steps} steps, offload {chosen}",
         f"device: weights {p.weights / GB:.2f} GB + K/V cache {p.kv_cache / GB:.2f} GB + activations "

@@ -43,3 +43,37 @@ def test_plan_node_plans_the_chosen_sampler(models_dir):
     assert f"predicted peak {expected.total / 2**30:.2f} GB" in text
     heun = plan(model.model.config, 84, 148, 2, torch.float32)
     assert expected.canvases > heun.canvases
+
+
+def test_plan_node_counts_the_weights_as_loaded_fp8_included():
+    """fp8 weights are reported at their size: one byte per quantised weight plus a float32 scale
+    per output channel, the rest (and the activations) bf16."""
+    import dataclasses
+    import re
+
+    from infdit_core import InfDiT, InfDiTConfig
+    from infdit_core.memory import parameter_count
+    import importlib
+
+    ManagedModel = importlib.import_module(load_pack().__name__ + ".nodes.comfy_bridge").ManagedModel
+    InfDiTModel = importlib.import_module(load_pack().__name__ + ".nodes.loaders").InfDiTModel
+    # The pack's own copy of fp8.py, whose Fp8Linear the node recognises.
+    quantize_model = importlib.import_module(load_pack().__name__ + ".infdit_core.fp8").quantize_model
+
+    config = dataclasses.replace(InfDiTConfig(), num_layers=2)  # the released width, two layers
+    network = InfDiT(config).to(torch.bfloat16).eval()
+    linears = [m for root in (network.transformer.layers, network.mixins.adaln_layer.adaLN_modulations)
+               for m in root.modules() if isinstance(m, torch.nn.Linear)]
+    fp8_bytes = parameter_count(config) * 2 - sum(m.weight.numel() * (2 - 1) - m.out_features * 4 for m in linears)
+    model = InfDiTModel(managed=ManagedModel(network, torch.device("cpu"), torch.device("cpu")), path="x",
+                        has_embedded_clip=False)
+
+    def reported():
+        text = NODES["InfDiTMemoryPlan"]().report(model, 64, 64, 4.0, 20, 1)["result"][0]
+        return text.splitlines()[0], float(re.search(r"device: weights ([\d.]+) GB", text).group(1))
+
+    assert reported() == ("64x64 -> 256x256 (x4), batch 1, bfloat16", round(parameter_count(config) * 2 / 2**30, 2))
+    quantize_model(network)
+    assert reported() == ("64x64 -> 256x256 (x4), batch 1, bfloat16 activations, fp8 weights",
+                          round(fp8_bytes / 2**30, 2))
+    assert round(fp8_bytes / 2**30, 2) < round(parameter_count(config) * 2 / 2**30, 2)  # 0.08 GB against 0.13
