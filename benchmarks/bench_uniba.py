@@ -17,8 +17,9 @@ The share: the released width (1280, 16 heads of 80) cut to `--share-layers` lay
 warm denoiser calls at block batch 1 and at auto. Their FLOPs are counted op by op (matmuls,
 convolutions and attention, torch.utils.flop_counter) and divided by the time; the reference is a
 plain torch.mm of each of a layer's four linear shapes (QKV, attention output, MLP in and out) with
-the call's rows. The two are timed in turn `--share-repeat` times and each one's fastest time is
-kept (other load on a shared machine only ever adds time). On CPU the share is measured twice, in
+the call's rows. `--share-repeat` calls are timed, the matmul rate before the first and after each,
+and each call's share is taken against the mean of the rates just before and after it (a slow spell
+of a shared machine then slows both sides); it prints the medians and the range of the shares. On CPU the share is measured twice, in
 the process's own memory allocator before the table's fixed mmap threshold is set: first as it
 starts (glibc's default), then with glibc told to keep freed memory for reuse (no fresh pages for
 every large tensor: what jemalloc or tcmalloc do, and what MALLOC_MMAP_THRESHOLD_ and
@@ -32,6 +33,7 @@ import ctypes
 import dataclasses
 import os
 import re
+import statistics
 import sys
 import time
 
@@ -140,26 +142,31 @@ def sweep_share(H, W, layers, device, dtype, repeat: int, allocator: str):
     auto = resolve_execution("auto", "off", config, H, W, dtype, device)[0]
     print(f"\nshare of the matmul rate: released width {config.hidden_size} ({config.num_heads} heads of "
           f"{config.head_dim}), {layers} layers, {H}x{W} ({blocks} blocks), {device}, "
-          f"{torch.get_num_threads()} threads, allocator: {allocator}, fastest of {repeat}")
-    header = f"{'mode':>12} {'GFLOP':>8} {'time s':>7} {'GFLOP/s':>8} {'mm GFLOP/s':>10} {'share':>6}"
+          f"{torch.get_num_threads()} threads, allocator: {allocator}; medians of {repeat} calls")
+    header = (f"{'mode':>12} {'GFLOP':>8} {'time s':>7} {'GFLOP/s':>8} {'mm GFLOP/s':>10} {'share':>6} "
+              f"{'range':>9}")
     print(header)
     print("-" * len(header))
     for name, bb in [("sweep bb=1", 1), (f"auto ={auto}", auto)]:
         denoiser = BlockSweepDenoiser(model, block_batch=bb, **inp)
         with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
             denoiser(x, 2.0)  # also the warm-up
-        elapsed, reference = float("inf"), 0.0
+        flops = counter.get_total_flops()
+        rows = min(bb, blocks) * config.block_tokens ** 2
+        rates, times, shares = [mm_rate(rows, config.hidden_size, device, dtype)], [], []
         for _ in range(repeat):
             synchronize(device)
             start = time.perf_counter()
             denoiser(x, 2.0)
             synchronize(device)
-            elapsed = min(elapsed, time.perf_counter() - start)
-            reference = max(reference, mm_rate(min(bb, blocks) * config.block_tokens ** 2, config.hidden_size,
-                                               device, dtype))
-        flops = counter.get_total_flops()
+            times.append(time.perf_counter() - start)
+            rates.append(mm_rate(rows, config.hidden_size, device, dtype))
+            # Each call against the matmul rate measured just before and just after it, so a slow
+            # spell of the machine slows both sides of the ratio.
+            shares.append(flops / times[-1] / ((rates[-2] + rates[-1]) / 2))
+        elapsed, reference, share = statistics.median(times), statistics.median(rates), statistics.median(shares)
         print(f"{name:>12} {flops / 1e9:8.1f} {elapsed:7.2f} {flops / elapsed / 1e9:8.1f} "
-              f"{reference / 1e9:10.1f} {flops / elapsed / reference:6.0%}")
+              f"{reference / 1e9:10.1f} {share:6.0%} {min(shares):4.0%}-{max(shares):.0%}")
 
 
 # glibc mallopt parameters (malloc.h).
@@ -223,7 +230,7 @@ def main():
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--share-size", default="256x256", help="HxW of the matmul-share run")
     parser.add_argument("--share-layers", type=int, default=3, help="layers of the released-width model")
-    parser.add_argument("--share-repeat", type=int, default=3, help="timed calls of each share mode")
+    parser.add_argument("--share-repeat", type=int, default=5, help="timed calls of each share mode")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]

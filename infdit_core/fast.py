@@ -246,8 +246,8 @@ class CompiledLayers:
     def __call__(self, model, index, h, mods, cos, sin, neighbours, inputs):
         cfg = model.config
         layer, adaln = model.transformer.layers[index], model.mixins.adaln_layer
-        # One layout for every layer, so no graph is recompiled for another stride or offset: the
-        # patch embedding hands layer 0 a transposed h, and each layer's modulation is a slice.
+        # One layout for every layer, so no graph is recompiled for another stride or offset: each
+        # layer's modulation is a slice of all of them (h is contiguous already).
         h, mod = h.contiguous(), mods[:, index].contiguous()
         qkv, q_norm = layer.attention.query_key_value, adaln.q_layer_norm[index]
         qkv_parts = [*_run("pre_attention", h, mod, cos, sin, qkv.weight, qkv.bias, q_norm.weight, q_norm.bias,

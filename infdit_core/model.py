@@ -205,7 +205,9 @@ class InfDiT(nn.Module):
         keeping them (training: memory of one layer's activations instead of all of them).
         layer_runner: runs each layer instead of `_layer` (the compiled fast path, fast.py)."""
         cfg = self.config
-        h = self.mixins.patch_embed.proj(inputs.z.to(self.dtype)).flatten(2).transpose(1, 2)
+        # Contiguous once here: element-wise ops keep their input's layout, so a transposed h would
+        # stay transposed through every residual add, and every LayerNorm would copy it first.
+        h = self.mixins.patch_embed.proj(inputs.z.to(self.dtype)).flatten(2).transpose(1, 2).contiguous()
         angles = rope_angles(inputs.rows, inputs.cols, cfg.head_dim, cfg.rope_size)[:, :, None]
         cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
         del angles
