@@ -213,6 +213,8 @@ class FastestAttention:
                 with warnings.catch_warnings():  # SDPA warns why a backend refuses, then raises
                     warnings.simplefilter("ignore")
                     run()  # warm-up, and the test that this backend takes these inputs
+            except torch.OutOfMemoryError:
+                raise  # not a refusal: the caller's out-of-memory back-off handles it
             except RuntimeError:
                 continue
             seconds[backend] = self.timer(backend, run, q.device)

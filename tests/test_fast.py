@@ -114,6 +114,21 @@ def test_attention_runs_the_fastest_backend_that_applies():
     assert len(timed) == 4
 
 
+def test_attention_timing_passes_out_of_memory_on(monkeypatch):
+    # Out of memory while a backend is tried is not that backend refusing the inputs: it reaches the
+    # sweep's back-off (which retries with fewer blocks), and nothing is chosen for the shape.
+    attention = fast.FastestAttention({"cpu": [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]})
+    q, k, v = _qkv()
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(fast.F, "scaled_dot_product_attention", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        attention(q, k, v)
+    assert attention.chosen == {}
+
+
 def test_attention_without_a_usable_candidate_leaves_the_choice_to_sdpa():
     attention = fast.FastestAttention({"cpu": [SDPBackend.CUDNN_ATTENTION]})
     q, k, v = _qkv()
