@@ -2,7 +2,7 @@
 then the sweep's share of this machine's matmul rate at the released width.
 
     python benchmarks/bench_uniba.py [--sizes 256x256,512x512,...] [--device cpu|cuda]
-                                     [--share-size 256x256] [--share-layers 3]
+                                     [--share-size 256x256] [--share-layers 3] [--share-repeat 5]
 
 A small random model with the official geometry (patch 4, 128-px blocks, head dim 80) and a few
 layers. Everything is measured in this one run and printed as ratios to the whole-image call:
@@ -19,12 +19,12 @@ convolutions and attention, torch.utils.flop_counter) and divided by the time; t
 plain torch.mm of each of a layer's four linear shapes (QKV, attention output, MLP in and out) with
 the call's rows. `--share-repeat` calls are timed, the matmul rate before the first and after each,
 and each call's share is taken against the mean of the rates just before and after it (a slow spell
-of a shared machine then slows both sides); it prints the medians and the range of the shares. On CPU the share is measured twice, in
-the process's own memory allocator before the table's fixed mmap threshold is set: first as it
-starts (glibc's default), then with glibc told to keep freed memory for reuse (no fresh pages for
-every large tensor: what jemalloc or tcmalloc do, and what MALLOC_MMAP_THRESHOLD_ and
-MALLOC_TRIM_THRESHOLD_ give a CPU user; see docs/performance.md). An empty --sizes or --share-size
-skips that part.
+of a shared machine then slows both sides); it prints the medians and the range of the shares.
+On CPU the share is measured twice, in the process's own memory allocator, before the table's
+fixed mmap threshold is set: first as it starts (glibc's default), then with glibc told to keep
+freed memory for reuse (no fresh pages for every large tensor: what jemalloc or tcmalloc do, and
+what MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ give a CPU user; see docs/performance.md).
+An empty --sizes or --share-size skips that part.
 """
 from __future__ import annotations
 
@@ -223,6 +223,10 @@ def table(sizes, device, dtype, dtype_name):
             print(f"O(N) check: sweep bb=1 memory {2 * H}x{W} / {H}x{W} = {sweep_memory[(2 * H, W)] / mem:.2f}")
 
 
+# Set in the process that re-runs this script for the memory table alone (see main).
+TABLE_ONLY = "INFDIT_BENCH_TABLE_ONLY"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="HxW list, comma separated")
@@ -251,8 +255,6 @@ def main():
             os.execve(sys.executable, [sys.executable] + sys.argv, env)
         table(args.sizes, device, dtype, args.dtype)
 
-
-TABLE_ONLY = "INFDIT_BENCH_TABLE_ONLY"
 
 if __name__ == "__main__":
     main()
