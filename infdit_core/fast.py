@@ -223,7 +223,7 @@ class FastestAttention:
             return None
         best = min(seconds, key=seconds.get)
         if len(seconds) > 1:
-            measured = ", ".join(f"{b.name.lower()} {t * 1e3:.2f} ms" for b, t in seconds.items())
+            measured = ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in self.timings[key].items())
             log.info("Inf-DiT fast path: attention q %s k %s (%s, %s): %s -> %s", list(q.shape), list(k.shape),
                      q.dtype, q.device.type, measured, best.name.lower())
         return best

@@ -49,11 +49,11 @@ def test_plan_node_counts_the_weights_as_loaded_fp8_included():
     """fp8 weights are reported at their size: one byte per quantised weight plus a float32 scale
     per output channel, the rest (and the activations) bf16."""
     import dataclasses
+    import importlib
     import re
 
     from infdit_core import InfDiT, InfDiTConfig
     from infdit_core.memory import parameter_count
-    import importlib
 
     ManagedModel = importlib.import_module(load_pack().__name__ + ".nodes.comfy_bridge").ManagedModel
     InfDiTModel = importlib.import_module(load_pack().__name__ + ".nodes.loaders").InfDiTModel
