@@ -117,7 +117,10 @@ def plan(config: InfDiTConfig, H: int, W: int, block_batch: int, dtype: torch.dt
     # The store peaks at one line of the strip plus one block (plus the edge block received from
     # the previous rank); the fresh K/V of the blocks in flight are counted with the activations.
     cached = 0 if m >= blocks and world == 1 else (strip + 1 + (world > 1)) * kv_block
-    kv_device = cached
+    # A sweep whose calls all run the same ops (one rank, nothing spilled) writes a call's uncached
+    # blocks into a free slot, at most one more (uniba._Ledger).
+    scratch = kv_block if cached and world == 1 and offload in ("off", "canvas") else 0
+    kv_device = cached + scratch
     if offload in ("all", "kv"):
         # The next call's neighbours and the extra slots stay on the device; the rest of the line
         # waits on the host. m consecutive blocks read up to m + 1 blocks of the previous line (top
@@ -138,7 +141,7 @@ def plan(config: InfDiTConfig, H: int, W: int, block_batch: int, dtype: torch.dt
         block_batch=m,
         blocks=blocks,
         boundary=EDGE_BUFFERS * kv_block if world > 1 else 0,
-        kv_host=cached - kv_device,
+        kv_host=cached + scratch - kv_device,
         canvases_host=0 if canvas_on_device else canvas_bytes,
         world=world,
         offload=offload,

@@ -34,12 +34,24 @@ def chunks(order: list[Block], size: int) -> Iterator[list[Block]]:
         yield order[start:start + size]
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small tensor built on the host, on `device` without stalling it: through pinned memory
-    with a non-blocking copy on CUDA (a copy from pageable memory waits for the device to drain)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+class StagingBuffers:
+    """Device tensors that small tensors built on the host are copied into, one per shape, written
+    again call after call: the copy does not stall the device (pinned memory, non-blocking, on
+    CUDA; a copy from pageable memory waits for the device to drain), and a CUDA graph captured
+    over a call (graphs.py) reads each later call's values from the same addresses. Safe without
+    waiting: a copy is queued on the stream behind the kernels still reading the last values."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def load(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        device = torch.device(device)
+        key = tuple(host.shape), host.dtype, device
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            buffer = self.buffers[key] = torch.empty(host.shape, dtype=host.dtype, device=device)
+        buffer.copy_(host.pin_memory() if device.type == "cuda" else host, non_blocking=True)
+        return buffer
 
 
 class _CallPlan(NamedTuple):
@@ -61,10 +73,16 @@ class _Ledger:
     A block is cached from the call that computes it (or, for a block of another rank, from the call
     that first reads it) until the call that reads it last has gathered it. A slot given up in a
     call (its block read for the last time, or spilled) is written again in the same call only after
-    the gather, so each layer reads the old block before it is replaced."""
+    the gather, so each layer reads the old block before it is replaced.
 
-    def __init__(self, cache: "KVCache"):
+    With `scratch`, every call writes all its blocks into the pool, the ones no later call reads
+    into a slot free at that moment (taken for the call, given back after it): each call of a sweep
+    then runs the same ops, whichever of its blocks are cached (what a CUDA graph replays)."""
+
+    def __init__(self, cache: "KVCache", scratch: bool):
         self.cache = cache
+        self.scratch = scratch
+        self.cached_any = False  # whether any block was cached (not counting scratch writes)
         self.slot: dict[Block, Optional[int]] = {}  # cached blocks in caching order: slot, None if spilled
         self.free: deque[int] = deque()  # the ring: slots given up go to the back, new blocks take the front
         self.capacity = 0  # slots ever needed at once
@@ -120,7 +138,15 @@ class _Ledger:
         for block, m in new.items():
             self.slot[block] = self._take()
             writes.append((m, self.slot[block]))
-        on_device = self.capacity - len(self.free)  # every slot is free or holds a cached block
+        self.cached_any |= bool(writes)
+        scratch = None
+        if self.scratch and len(writes) < len(blocks):
+            scratch = self._take()
+            cached = dict(writes)
+            writes = [(m, cached.get(m, scratch)) for m in range(len(blocks))]
+        on_device = self.capacity - len(self.free)  # every slot is free or holds a (cached or scratch) block
+        if scratch is not None:
+            self.free.appendleft(scratch)
         return _CallPlan(sources, arrivals, spills, fetches, writes, spilled_now, held, on_device)
 
 
@@ -163,19 +189,28 @@ class KVCache:
         self.outgoing = set(outgoing)
         self.outbox: dict[Block, list[torch.Tensor]] = {}
         self.arriving: dict[Block, list[Callable[[], torch.Tensor]]] = {}
-        rehearsal = _Ledger(self)
+        # Whether every call of the same block count can run the same ops on the same memory (what
+        # a CUDA graph replays, graphs.py): no block enters from or leaves for another rank, none
+        # is spilled to host memory. Then every call writes all its blocks into the pool (see
+        # _Ledger), unless no block is ever cached (a sweep of one call per image).
+        self.fixed_calls = (self.placement is None and not self.outgoing
+                            and all(source in self.call_of for source in self.reads))
+        # Sized ahead by playing the sweep through.
+        rehearsal = _Ledger(self, scratch=self.fixed_calls)
         for call, blocks in enumerate(chunks(order, block_batch)):
             rehearsal.advance(call, blocks)
-        self.capacity = rehearsal.capacity  # pool slots per layer
+        self.capacity = rehearsal.capacity if rehearsal.cached_any else 0  # pool slots per layer
         self.call_blocks = min(block_batch, len(order))
-        self.ledger = _Ledger(self)
+        self.ledger = _Ledger(self, scratch=self.fixed_calls and rehearsal.cached_any)
+        self.staging = StagingBuffers()
         self.pool: Optional[torch.Tensor] = None  # [layers * capacity + call_blocks, 2, heads, tokens, head_dim]
         self.peak_blocks = 0  # most blocks cached at once (per layer)
         self.peak_device_blocks = 0  # of those, most in the pool
         self.call = -1
         self.blocks: list[Block] = []
         self.plan: Optional[_CallPlan] = None
-        self.index: Optional[tuple[torch.Tensor, ...]] = None
+        self.packed: Optional[torch.Tensor] = None  # the call's index as copied from the host
+        self.index: Optional[tuple[torch.Tensor, ...]] = None  # and as the gathers read it
         self.sending: list[tuple[int, Block]] = []
 
     @property
@@ -189,13 +224,23 @@ class KVCache:
         self.plan = self.ledger.advance(self.call, blocks)
         self.peak_blocks = max(self.peak_blocks, self.plan.held)
         self.peak_device_blocks = max(self.peak_device_blocks, self.plan.on_device)
-        self.index = None  # built by the call's first gather, which knows the head count
+        # The index reaches the device here if the pool is there already (allocate), else with the
+        # call's first gather, which knows the layout; the gathers' form of it is computed from it
+        # on the device by the call's first gather.
+        self.packed = self._load_index() if self.pool is not None else None
+        self.index = None
         self.sending = [(m, block) for m, block in enumerate(blocks) if block in self.outgoing]
+
+    def allocate(self, heads: int, tokens: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        """Allocate the pool now rather than in the first gather (before a CUDA graph is captured,
+        so the pool is not memory of the graph's own)."""
+        self.pool = torch.empty(self.num_layers * self.capacity + self.call_blocks, 2, heads, tokens, head_dim,
+                                dtype=dtype, device=device)
 
     def close(self):
         """Free the pool once the sweep is done (the bookkeeping stays for inspection)."""
         self.pool = None
-        self.index = None
+        self.packed = self.index = None
 
     def put(self, block: Block, layers: list[Callable[[], torch.Tensor]]):
         """K/V of a block computed elsewhere: per layer, a function that returns them as one
@@ -213,22 +258,31 @@ class KVCache:
         calls = self.reads[source]
         return calls[bisect.bisect_right(calls, call)]
 
-    def _build_index(self, heads: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """The call's gather and write indices for every layer, from one host-to-device copy.
+    def _load_index(self) -> torch.Tensor:
+        """The call's gather and write indices, built on the host and copied to the pool's device
+        in one copy: per block and neighbour slot the pool row it reads (slot s of a layer's ring:
+        s, for the layer to offset; the call's block m: its fresh row) and whether that is a ring
+        slot, then the slot and the call's block of each write (with fixed_calls: all of the call's
+        blocks, or none; see _Ledger)."""
+        plan, S = self.plan, self.capacity
+        rows = [source if source >= 0 else self.num_layers * S - 1 - source for source in plan.sources]
+        in_ring = [int(source >= 0) for source in plan.sources]
+        host = torch.tensor(rows + in_ring + [slot for _, slot in plan.writes] + [m for m, _ in plan.writes],
+                            dtype=torch.long)
+        return self.staging.load(host, self.pool.device)
+
+    def _gather_index(self, heads: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The gather index of every layer and the write slots, from the call's packed index.
 
         The gather reads the pool as rows of one head's K or V ([tokens * head_dim] values): row
         ((r * 2 + kv) * heads + h) for pool row r, so one index_select yields keys and values in
         the layout attention reads. Pool row of slot s in layer l: l * capacity + s; of the call's
-        block m: layers * capacity + m (its fresh K/V). The writes go to slots of a layer's ring."""
-        plan, S, M = self.plan, self.capacity, len(self.blocks)
-        rows = [source if source >= 0 else self.num_layers * S - 1 - source for source in plan.sources]
-        in_ring = [int(source >= 0) for source in plan.sources]
-        write_m = [m for m, _ in plan.writes]
-        every = write_m == list(range(M))  # the whole call is cached: no selection
-        host = torch.tensor(rows + in_ring + [slot for _, slot in plan.writes] + write_m, dtype=torch.long)
-        packed = to_device(host, device)
-        n, w = len(rows), len(write_m)
-        rows, in_ring, write_slots, write_m = packed.split([n, n, w, w])
+        block m: layers * capacity + m (its fresh K/V). The written blocks are None where they are
+        all of the call's, in order (no selection)."""
+        S, M, device = self.capacity, len(self.blocks), self.packed.device
+        n, w = M * NUM_SLOTS, len(self.plan.writes)
+        rows, in_ring, write_slots, write_m = self.packed.split([n, n, w, w])
+        every = [m for m, _ in self.plan.writes] == list(range(M))
         layer = torch.arange(self.num_layers, device=device)[:, None]
         kv = torch.arange(2, device=device).view(1, 2, 1, 1, 1)
         head = torch.arange(heads, device=device).view(1, 1, 1, heads, 1)
@@ -240,9 +294,11 @@ class KVCache:
         M, H, T, d = k.shape
         S, plan = self.capacity, self.plan
         if self.pool is None:
-            self.pool = k.new_empty(self.num_layers * S + self.call_blocks, 2, H, T, d)
+            self.allocate(H, T, d, k.dtype, k.device)
+        if self.packed is None:
+            self.packed = self._load_index()
         if self.index is None:
-            self.index = self._build_index(H, k.device)
+            self.index = self._gather_index(H)
         gather, write_slots, write_m = self.index
         ring = self.pool[layer * S:(layer + 1) * S]
         for source, slot in plan.arrivals:
@@ -305,15 +361,16 @@ class BlockCanvas:
         halo = schedule.span.start * step, (len(schedule.span) + 2) * step
         self.lr_padded = lr_padded.narrow(schedule.axis, *halo).clone()
         self.lr_token_hw = (lr.shape[-2] // LR_PATCH, lr.shape[-1] // LR_PATCH)
+        self.staging = StagingBuffers()
 
     def locate(self, blocks: list[Block]) -> BlockIndex:
-        """Where the blocks are, from one host-to-device copy (see to_device)."""
+        """Where the blocks are, from one host-to-device copy (see StagingBuffers)."""
         oi, oj = self.origin
         host = torch.tensor([[blk.i for blk in blocks], [blk.j for blk in blocks], [blk.b for blk in blocks],
                              [blk.i - oi for blk in blocks], [blk.j - oj for blk in blocks]])
         compute, canvas = self.placement.compute, self.placement.canvas
-        on_compute = to_device(host, compute)
-        on_canvas = on_compute if canvas == compute else to_device(host, canvas)
+        on_compute = self.staging.load(host, compute)
+        on_canvas = on_compute if canvas == compute else self.staging.load(host, canvas)
         return BlockIndex(on_canvas[2:].unbind(), on_compute[:3].unbind())
 
     def _blocks_of(self, image: torch.Tensor) -> torch.Tensor:

@@ -64,8 +64,9 @@ def test_cache_holds_at_most_one_row_plus_block_batch(model, rows, cols, block_b
     assert cache.peak_blocks <= min(rows, cols) + block_batch
     assert not cache.held, "every cached block must be freed by the end"
     assert cache.pool is None  # the pool goes with the sweep
-    # The pool has a slot for each block the sweep ever holds at once, and no more.
-    assert cache.capacity == cache.peak_blocks
+    # The pool has a slot for each block the sweep ever holds at once, and at most one more: the
+    # slot a call's uncached blocks are written into when no other is free.
+    assert cache.peak_blocks <= cache.capacity <= cache.peak_blocks + 1
     if rows * cols > 2 * block_batch:
         assert cache.peak_blocks >= min(rows, cols), "a row of K/V must really be cached"
 
