@@ -10,6 +10,7 @@ from typing import Callable, Optional, Protocol, Union
 import torch
 
 from .config import SR_SCALE
+from .graphs import CallGraphs
 from .model import InfDiT, LayerRunner
 from .offload import Placement
 from .strips import Block, StripSchedule
@@ -81,6 +82,8 @@ class BlockSweepDenoiser:
     is split over ranks), on the placement's canvas device.
 
     layer_runner: how each network layer runs (None: eagerly; fast.CompiledLayers: compiled).
+    call_graphs: replay the network calls from CUDA graphs where a sweep's calls repeat (graphs.py):
+    with one rank, nothing moved to host memory.
 
     reuse_output: each call writes its result into the memory of the previous call's result
     (which is then no longer valid), saving one canvas; for a caller that consumes each estimate
@@ -89,7 +92,8 @@ class BlockSweepDenoiser:
     def __init__(self, model: InfDiT, *, lr, concat_lr, clip_vector, block_batch: int = 1,
                  on_blocks: Optional[BlockHook] = None, schedule: Optional[StripSchedule] = None,
                  placement: Optional[Placement] = None, exchange: Optional[NeighbourExchange] = None,
-                 reuse_output: bool = False, layer_runner: Optional[LayerRunner] = None):
+                 reuse_output: bool = False, layer_runner: Optional[LayerRunner] = None,
+                 call_graphs: Optional[CallGraphs] = None):
         check_inputs(model, lr, concat_lr, clip_vector, schedule)
         if schedule is None:
             B, _, H, W = concat_lr.shape
@@ -105,6 +109,7 @@ class BlockSweepDenoiser:
         self.exchange = exchange
         self.reuse_output = reuse_output
         self.layer_runner = layer_runner
+        self.call_graphs = call_graphs
         self.last_cache: Optional[KVCache] = None  # kept for inspection (tests, benchmarks)
         # Blocks not yet denoised in the current call show the previous estimate (at first the
         # upsampled LR), so a preview of the canvas fills in block by block.
@@ -132,22 +137,37 @@ class BlockSweepDenoiser:
         owned = (self.reuse_output and self._estimate is not self.canvas.concat_lr
                  and self._estimate.data_ptr() != x.data_ptr())
         out = self._estimate if owned else self._estimate.clone()
+        graphs = None
+        if (self.call_graphs is not None and cache.fixed_calls and self.exchange is None
+                and placement.canvas == placement.compute):
+            cfg = model.config
+            # The pool must not be memory of the first graph's own.
+            cache.allocate(cfg.num_heads, cfg.block_tokens ** 2, cfg.head_dim, model.dtype, model.device)
+            graphs = self.call_graphs.sweep(model)
         done = 0
         for blocks in chunks(self.order, batch):
             if self.exchange is not None:
                 self.exchange.receive(cache, blocks)
             cache.begin_call(blocks)
             where = self.canvas.locate(blocks)
-            inputs = self.canvas.inputs(blocks, x, where)
-            image = inputs.batch_index
-            skip = c_skip[image] * inputs.z[:, :3]
-            # Official quirk (8.1-3): c_in scales the LR concat channels as well as the noisy image.
-            # In place: the fresh block inputs are not needed unscaled once the skip term is taken.
-            inputs.z.mul_(c_in[image])
-            net = model.forward_blocks(inputs, cond, cache, layer_runner=self.layer_runner).float()
-            denoised = placement.to_canvas(skip + c_out[image] * net)
-            self.canvas.write(out, where, denoised)
-            del skip, net, denoised  # not held through the next call
+
+            def network_call():
+                # What a CUDA graph records: device work only, reading what changes from call to
+                # call (where, the cache's index) from the buffers begin_call and locate wrote.
+                inputs = self.canvas.inputs(blocks, x, where)
+                image = inputs.batch_index
+                skip = c_skip[image] * inputs.z[:, :3]
+                # Official quirk (8.1-3): c_in scales the LR concat channels as well as the noisy
+                # image. In place: the fresh block inputs are not needed unscaled once the skip
+                # term is taken.
+                inputs.z.mul_(c_in[image])
+                net = model.forward_blocks(inputs, cond, cache, layer_runner=self.layer_runner).float()
+                self.canvas.write(out, where, placement.to_canvas(skip + c_out[image] * net))
+
+            if graphs is None:
+                network_call()
+            else:
+                graphs.run(len(blocks), network_call)
             if self.exchange is not None:
                 self.exchange.send(cache.take_outbox())
             done += len(blocks)

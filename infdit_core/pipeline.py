@@ -21,6 +21,7 @@ from .distributed import (AUTO, StripExchange, broadcast_from_first, cpu_group, 
                           world_and_rank)
 from .fast import parse_fast, resolve_fast
 from .fp8 import check_supported as check_fp8_supported, is_fp8
+from .graphs import call_graphs_for
 from .memory import choose_block_batch, default_budget, empty_cache, is_out_of_memory, resolve_execution
 from .model import InfDiT
 from .offload import Placement
@@ -164,7 +165,8 @@ def sample(model: InfDiT, *, lr, concat_lr, clip_vector, steps: int = DEFAULT_ST
                            group=cpu_group(group) if group is not None else None, max_bytes=resume.max_bytes)
     runner = resolve_fast(fast, model.device, block_evaluations=method.calls(steps) * len(schedule.order))
     denoiser = BlockSweepDenoiser(model, lr=lr, concat_lr=concat_lr, clip_vector=clip_vector, block_batch=batch,
-                                  schedule=schedule, placement=placement, reuse_output=True, layer_runner=runner)
+                                  schedule=schedule, placement=placement, reuse_output=True, layer_runner=runner,
+                                  call_graphs=call_graphs_for(runner, model.device))
     sigmas = karras_sigmas(steps).to(placement.canvas)
     start, x, history = 0, None, {}
     if store is not None and (found := store.load()) is not None:
