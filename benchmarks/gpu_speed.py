@@ -8,11 +8,14 @@ Without CUDA it prints "skipped: no CUDA" and exits 0 (--smoke runs the logic on
 tiny golden geometry: not a measurement). With CUDA: random weights (seeded) at the released
 geometry (InfDiTConfig(): width 1280, 16 heads of 80, 128-px blocks; --layers of its 28), bf16.
 
-Per mode (eager; fast = fast.CompiledLayers; fp8 = fast with e4m3 weights, on compute capability
->= 8.9 only) and block batch m (1, 8, 64 and `max`, the largest whose planned memory fits 24 GB):
-one denoiser call over a grid of max(8, 2m) blocks as warm-up (for `fast` it compiles), then
---repeats timed calls (torch.cuda.synchronize around each; no empty_cache in between, so no
-allocator growth is timed). Printed: ms per block per network call, TFLOP/s (block_flops: the
+Per mode (eager; fast = fast.CompiledLayers with the sweep's calls replayed from CUDA graphs,
+graphs.py; "fast, no graphs" = the compiled layers alone; fp8 = fast with e4m3 weights, on compute
+capability >= 8.9 only) and block batch m (1, 8, 64 and `max`, the largest whose planned memory
+fits 24 GB): one denoiser call (a sweep) over a grid of max(32, 2m) blocks as warm-up (for `fast`
+it compiles), then --repeats timed sweeps (torch.cuda.synchronize around them; no empty_cache in
+between, so no allocator growth is timed). A timed sweep captures its graph in its first call and
+replays it in the others, so at block batch 1 the capture is one call in 32 (in a 4096² job, one
+in 1024). Printed: ms per block per network call, TFLOP/s (block_flops: the
 matrix products of one block's network call, counted by hand below) and % of the dense bf16 peak
 (PEAK_BF16_TFLOPS by device name; unknown devices get TFLOP/s only), the SDPA backend the fast
 path's attention ran, and the projected 1024->4096 and 2048->8192 job times (blocks x 39 network
@@ -41,6 +44,7 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 from infdit_core import BlockSweepDenoiser, InfDiTConfig, load_model, plan  # noqa: E402
 from infdit_core import fast as fast_path  # noqa: E402
+from infdit_core.graphs import call_graphs_for  # noqa: E402
 from infdit_core.config import LR_PATCH, NUM_SLOTS  # noqa: E402
 from infdit_core.sampling import DEFAULT_STEPS, network_calls  # noqa: E402
 
@@ -123,12 +127,13 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_calls(model, runner, block_batch: int, blocks: int, repeats: int) -> tuple[float, float]:
+def time_calls(model, runner, graphs, block_batch: int, blocks: int, repeats: int) -> tuple[float, float]:
     """(seconds of the warm-up call, warm seconds per network call per block)."""
     inp = grid_inputs(model.config, blocks)
     device = model.device
     denoiser = BlockSweepDenoiser(model, lr=inp["lr"], concat_lr=inp["concat_lr"].to(device),
-                                  clip_vector=inp["clip_vector"], block_batch=block_batch, layer_runner=runner)
+                                  clip_vector=inp["clip_vector"], block_batch=block_batch, layer_runner=runner,
+                                  call_graphs=graphs)
     x = inp["x"].to(device)
     sync(device)
     start = time.perf_counter()
@@ -194,7 +199,8 @@ def exactness(device, dtypes, smoke: bool, fp8: bool) -> dict:
                     (f"fast {dt} block batch 1", dtypes[dt], fast_path.COMPILED_LAYERS, 1))] + (
                 [("fast fp8 weights", torch.float8_e4m3fn, fast_path.COMPILED_LAYERS, 10 ** 6)] if fp8 else []):
             model = load_model(dict(state), dtype=dtype, device=device)
-            out = BlockSweepDenoiser(model, block_batch=block_batch, layer_runner=runner, **inputs)(x, sigma)
+            out = BlockSweepDenoiser(model, block_batch=block_batch, layer_runner=runner,
+                                     call_graphs=call_graphs_for(runner, device), **inputs)(x, sigma)
             row[label] = (out.float().cpu() - expected).abs().max().item()
             del model
         results[name] = row
@@ -223,7 +229,10 @@ def main(argv=None) -> int:
     print(f"device: {name}; {config.num_layers} layers, {report.dtype}; {flops / 1e12:.3f} TFLOP per block per call; "
           f"dense bf16 peak: {f'{peak:g} TFLOP/s' if peak else 'unknown (TFLOP/s only)'}")
     model = build_model(config, device, dtype)
+    graphs = call_graphs_for(fast_path.COMPILED_LAYERS, device)
     modes = [("eager", None), ("fast", fast_path.COMPILED_LAYERS)]
+    if graphs is not None:
+        modes.append(("fast, no graphs", fast_path.COMPILED_LAYERS))
     if fp8_supported(device):
         modes.append(("fp8", "fp8"))
     else:
@@ -234,7 +243,7 @@ def main(argv=None) -> int:
     fp8_model = None
     for mode, runner in modes:
         for m in batches:
-            blocks = max(8, 2 * m)
+            blocks = max(32, 2 * m)
             timing = Timing(mode, m, blocks)
             try:
                 net = model
@@ -245,7 +254,8 @@ def main(argv=None) -> int:
                     net, runner_used = fp8_model, fast_path.COMPILED_LAYERS
                 else:
                     runner_used = runner
-                first, per_block = time_calls(net, runner_used, m, blocks, args.repeats)
+                first, per_block = time_calls(net, runner_used, None if mode in ("eager", "fast, no graphs") else graphs,
+                                              m, blocks, args.repeats)
                 timing.first_call_s = first
                 timing.ms_per_block = per_block * 1e3
                 timing.tflops = flops / per_block / 1e12
@@ -258,9 +268,9 @@ def main(argv=None) -> int:
             report.timings.append(timing)
             share = f"{timing.peak_percent:5.1f} % of peak" if timing.peak_percent is not None else ""
             if timing.ms_per_block is None:
-                print(f"{mode:6s} block batch {m:4d}: {timing.note}")
+                print(f"{mode:15s} block batch {m:4d}: {timing.note}")
             else:
-                print(f"{mode:6s} block batch {m:4d}: {timing.ms_per_block:8.2f} ms/block/call  "
+                print(f"{mode:15s} block batch {m:4d}: {timing.ms_per_block:8.2f} ms/block/call  "
                       f"{timing.tflops:7.1f} TFLOP/s {share}  attention {timing.backend}  "
                       f"(first call {timing.first_call_s:.1f} s)")
     fitting = [t for t in report.timings if t.ms_per_block is not None]
@@ -271,7 +281,7 @@ def main(argv=None) -> int:
                 blocks = math.ceil(side / config.block_size) ** 2
                 seconds = blocks * network_calls(DEFAULT_STEPS) * best.ms_per_block / 1e3
                 report.projections[f"{job} {mode}"] = seconds
-                print(f"projected {job} ({blocks} blocks x {network_calls(DEFAULT_STEPS)} calls) {mode:5s} at block batch "
+                print(f"projected {job} ({blocks} blocks x {network_calls(DEFAULT_STEPS)} calls) {mode:15s} at block batch "
                       f"{best.block_batch}: {seconds / 60:.1f} min")
     dtypes = {"fp32" if args.smoke else "bf16": dtype}
     report.exactness = exactness(device, dtypes, args.smoke, fp8_supported(device))
