@@ -138,8 +138,8 @@ class BlockSweepDenoiser:
                  and self._estimate.data_ptr() != x.data_ptr())
         out = self._estimate if owned else self._estimate.clone()
         graphs = None
-        if (self.call_graphs is not None and cache.fixed_calls and self.exchange is None
-                and placement.canvas == placement.compute):
+        # (fixed_calls: one rank, no K/V spilled; the canvases on the compute device: no copies.)
+        if self.call_graphs is not None and cache.fixed_calls and placement.canvas == placement.compute:
             cfg = model.config
             # The pool must not be memory of the first graph's own.
             cache.allocate(cfg.num_heads, cfg.block_tokens ** 2, cfg.head_dim, model.dtype, model.device)
